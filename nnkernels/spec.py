@@ -1,0 +1,390 @@
+"""ModelSpec and its parts: plain frozen dataclasses, validated on construction.
+
+A spec describes an MLP completely: layers, output kind and loss, optimizer
+and learning-rate schedule, initializers, regularization, dtype, device and
+seed. Every invalid value raises :class:`SpecError` naming the field and the
+value. ``ModelSpec.to_dict`` / ``ModelSpec.from_dict`` give a JSON-safe form
+(the store and the gRPC layer use it); ``from_dict`` rejects unknown keys.
+
+Names are validated against the registries below, so error messages can list
+what is allowed. The numerical meaning of each name lives in
+``nnkernels.reference`` (the oracle) and is stated there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+
+# activation name -> the extra parameters it takes (with their defaults)
+ACTIVATIONS = {
+    "identity": (),
+    "relu": (),
+    "leaky_relu": ("negative_slope",),
+    "elu": ("alpha",),
+    "softplus": (),
+    "sigmoid": (),
+    "tanh": (),
+    "hardswish": (),
+    "gelu": (),  # tanh approximation, as torch.nn.GELU(approximate="tanh")
+    "step": (),  # 1 if x > 0 else 0; derivative zero everywhere
+}
+# output kind -> the loss it is paired with (fused in the backward pass)
+OUTPUT_LOSS = {
+    "identity": "mse",
+    "sigmoid": "bce_with_logits",
+    "softmax": "softmax_cross_entropy",
+}
+LOSSES = tuple(OUTPUT_LOSS.values())
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
+SCHEDULES = ("constant", "step", "exponential", "cosine")
+INITIALIZERS = (
+    "zeros", "constant", "uniform", "normal",
+    "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
+    "torch_default",
+)
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda")
+
+# Sanity bounds on sizes; the server's configurable limits are tighter.
+MAX_UNITS = 1 << 20
+MAX_LAYERS = 256
+MAX_PARAMS = (1 << 31) - 1
+MAX_SEED = (1 << 63) - 1
+
+# torch.optim's per-optimizer defaults for hyper-parameters whose default
+# differs between optimizers.
+_EPS_DEFAULT = {"sgd": 0.0, "adagrad": 1e-10, "rmsprop": 1e-8, "adam": 1e-8, "adamw": 1e-8}
+_WD_DEFAULT = {"sgd": 0.0, "adagrad": 0.0, "rmsprop": 0.0, "adam": 0.0, "adamw": 1e-2}
+_LR_DEFAULT = {"sgd": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3}
+
+
+def _choice(path: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise SpecError(path, value, f"must be one of {', '.join(allowed)}")
+
+
+def _finite(path: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(path, value, "must be a finite number")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise SpecError(path, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise SpecError(path, value, f"must be {'<' if hi_open else '<='} {hi}")
+
+
+def _count(path: str, value, *, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(path, value, "must be an integer")
+    if not lo <= value <= hi:
+        raise SpecError(path, value, f"must be between {lo} and {hi}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One hidden dense layer: ``units`` outputs, then ``activation``, then
+    dropout with probability ``dropout`` while training (inverted dropout:
+    kept units are scaled by 1/(1-p), as torch.nn.Dropout)."""
+
+    units: int
+    activation: str = "relu"
+    negative_slope: float = 0.01  # leaky_relu
+    alpha: float = 1.0  # elu
+    dropout: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _count(f"{path}.units", self.units, lo=1, hi=MAX_UNITS)
+        _choice(f"{path}.activation", self.activation, tuple(ACTIVATIONS))
+        _finite(f"{path}.negative_slope", self.negative_slope)
+        _finite(f"{path}.alpha", self.alpha, lo=0.0, lo_open=True)
+        _finite(f"{path}.dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """The output dense layer: ``units`` outputs and the output kind —
+    ``identity`` (regression), ``sigmoid`` (binary / multi-label),
+    ``softmax`` (multi-class; needs units >= 2)."""
+
+    units: int
+    kind: str = "identity"
+
+    def validate(self, path: str) -> None:
+        _count(f"{path}.units", self.units, lo=1, hi=MAX_UNITS)
+        _choice(f"{path}.kind", self.kind, tuple(OUTPUT_LOSS))
+        if self.kind == "softmax" and self.units < 2:
+            raise SpecError(f"{path}.units", self.units, "softmax output needs at least 2 units")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The training loss (mean reduction over the batch). ``name`` empty means
+    the loss paired with the output kind. ``label_smoothing`` is
+    CrossEntropyLoss's and applies to softmax_cross_entropy only."""
+
+    name: str = ""
+    label_smoothing: float = 0.0
+
+    def validate(self, path: str, output_kind: str) -> None:
+        expected = OUTPUT_LOSS[output_kind]
+        if self.name != expected:
+            _choice(f"{path}.name", self.name, LOSSES)
+            raise SpecError(f"{path}.name", self.name,
+                            f"does not match output kind {output_kind!r}, which trains with {expected!r}")
+        _finite(f"{path}.label_smoothing", self.label_smoothing, lo=0.0, hi=1.0)
+        if self.label_smoothing and self.name != "softmax_cross_entropy":
+            raise SpecError(f"{path}.label_smoothing", self.label_smoothing,
+                            "applies only to softmax_cross_entropy")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Optimizer and hyper-parameters, named and defaulted as in torch.optim.
+
+    ``eps``, ``weight_decay`` and ``lr`` left as None take the torch default
+    of the chosen optimizer (e.g. eps 1e-10 for Adagrad, weight_decay 1e-2
+    for AdamW). Fields an optimizer does not use must stay at their default.
+    """
+
+    name: str = "sgd"
+    lr: float | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
+    # sgd, rmsprop
+    momentum: float = 0.0
+    # sgd
+    dampening: float = 0.0
+    nesterov: bool = False
+    # adam, adamw
+    beta1: float = 0.9
+    beta2: float = 0.999
+    amsgrad: bool = False
+    # rmsprop
+    alpha: float = 0.99
+    centered: bool = False
+    # adagrad
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+
+    def __post_init__(self):
+        if self.name in OPTIMIZERS:
+            for attr, table in (("lr", _LR_DEFAULT), ("eps", _EPS_DEFAULT), ("weight_decay", _WD_DEFAULT)):
+                if getattr(self, attr) is None:
+                    object.__setattr__(self, attr, table[self.name])
+
+    # which non-shared fields each optimizer reads
+    _USES = {
+        "sgd": {"momentum", "dampening", "nesterov"},
+        "adagrad": {"eps", "lr_decay", "initial_accumulator_value"},
+        "rmsprop": {"eps", "alpha", "momentum", "centered"},
+        "adam": {"eps", "beta1", "beta2", "amsgrad"},
+        "adamw": {"eps", "beta1", "beta2", "amsgrad"},
+    }
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.name", self.name, OPTIMIZERS)
+        _finite(f"{path}.lr", self.lr, lo=0.0)
+        _finite(f"{path}.weight_decay", self.weight_decay, lo=0.0)
+        _finite(f"{path}.eps", self.eps, lo=0.0)
+        _finite(f"{path}.momentum", self.momentum, lo=0.0)
+        _finite(f"{path}.dampening", self.dampening, lo=0.0, hi=1.0)
+        _finite(f"{path}.beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
+        _finite(f"{path}.beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
+        _finite(f"{path}.alpha", self.alpha, lo=0.0, hi=1.0)
+        _finite(f"{path}.lr_decay", self.lr_decay, lo=0.0)
+        _finite(f"{path}.initial_accumulator_value", self.initial_accumulator_value, lo=0.0)
+        if self.name == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise SpecError(f"{path}.nesterov", True, "Nesterov momentum requires momentum > 0 and zero dampening")
+        defaults = OptimizerSpec(name=self.name)
+        uses = self._USES[self.name]
+        for f in dataclasses.fields(self):
+            if f.name in ("name", "lr", "weight_decay", "eps") or f.name in uses:
+                continue
+            if getattr(self, f.name) != getattr(defaults, f.name):
+                raise SpecError(f"{path}.{f.name}", getattr(self, f.name),
+                                f"is not a hyper-parameter of {self.name!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Learning-rate schedule, a function of t = optimizer steps already taken:
+    constant: lr; step: lr·gamma^(t // step_size) (StepLR);
+    exponential: lr·gamma^t (ExponentialLR);
+    cosine: eta_min + (lr - eta_min)·(1 + cos(π·t / t_max)) / 2
+    (CosineAnnealingLR's closed form). Stepped once per optimizer step."""
+
+    name: str = "constant"
+    step_size: int = 1
+    gamma: float = 0.1
+    t_max: int = 1
+    eta_min: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.name", self.name, SCHEDULES)
+        _count(f"{path}.step_size", self.step_size, lo=1, hi=MAX_PARAMS)
+        _finite(f"{path}.gamma", self.gamma, lo=0.0, lo_open=True, hi=1.0)
+        _count(f"{path}.t_max", self.t_max, lo=1, hi=MAX_PARAMS)
+        _finite(f"{path}.eta_min", self.eta_min, lo=0.0)
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """A parameter initializer, as torch.nn.init: zeros; constant(value);
+    uniform(a, b); normal(mean, std); xavier_uniform/xavier_normal(gain);
+    kaiming_uniform/kaiming_normal (mode fan_in, gain sqrt(2): relu);
+    torch_default: nn.Linear's reset_parameters (weights kaiming_uniform
+    with a=sqrt(5), i.e. U(±1/sqrt(fan_in)); biases U(±1/sqrt(fan_in)))."""
+
+    name: str = "torch_default"
+    value: float = 0.0
+    a: float = 0.0
+    b: float = 1.0
+    mean: float = 0.0
+    std: float = 1.0
+    gain: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.name", self.name, INITIALIZERS)
+        for attr in ("value", "a", "b", "mean", "gain"):
+            _finite(f"{path}.{attr}", getattr(self, attr))
+        _finite(f"{path}.std", self.std, lo=0.0)
+        if self.name == "uniform" and not self.a < self.b:
+            raise SpecError(f"{path}.b", self.b, f"uniform needs a < b (a={self.a})")
+
+
+@dataclass(frozen=True)
+class RegularizationSpec:
+    """Gaussian noise N(0, input_noise_std²) added to the inputs while
+    training; gradient clipping by global L2 norm when clip_grad_norm > 0
+    (torch.nn.utils.clip_grad_norm_). L2 weight decay is the optimizer's
+    ``weight_decay`` (as torch.optim); dropout is per hidden layer."""
+
+    input_noise_std: float = 0.0
+    clip_grad_norm: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _finite(f"{path}.input_noise_std", self.input_noise_std, lo=0.0)
+        _finite(f"{path}.clip_grad_norm", self.clip_grad_norm, lo=0.0)
+
+
+_PARTS = {
+    "hidden": LayerSpec, "output": OutputSpec, "loss": LossSpec,
+    "optimizer": OptimizerSpec, "schedule": ScheduleSpec,
+    "weight_init": InitSpec, "bias_init": InitSpec,
+    "regularization": RegularizationSpec,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A fully connected network: ``input_size`` features → each hidden layer
+    → the output layer. ``hidden`` may be empty (a linear / logistic model)."""
+
+    input_size: int
+    output: OutputSpec
+    hidden: tuple[LayerSpec, ...] = ()
+    loss: LossSpec = field(default_factory=LossSpec)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    weight_init: InitSpec = field(default_factory=InitSpec)
+    bias_init: InitSpec = field(default_factory=InitSpec)
+    regularization: RegularizationSpec = field(default_factory=RegularizationSpec)
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+        if isinstance(self.loss, LossSpec) and isinstance(self.output, OutputSpec) and not self.loss.name \
+                and self.output.kind in OUTPUT_LOSS:
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, name=OUTPUT_LOSS[self.output.kind]))
+        self.validate()
+
+    def validate(self) -> None:
+        _count("input_size", self.input_size, lo=1, hi=MAX_UNITS)
+        if not isinstance(self.output, OutputSpec):
+            raise SpecError("output", self.output, "an output layer is required")
+        self.output.validate("output")
+        if len(self.hidden) > MAX_LAYERS:
+            raise SpecError("hidden", len(self.hidden), f"at most {MAX_LAYERS} hidden layers")
+        for i, layer in enumerate(self.hidden):
+            if not isinstance(layer, LayerSpec):
+                raise SpecError(f"hidden[{i}]", layer, "must be a LayerSpec")
+            layer.validate(f"hidden[{i}]")
+        self.loss.validate("loss", self.output.kind)
+        self.optimizer.validate("optimizer")
+        self.schedule.validate("schedule")
+        self.weight_init.validate("weight_init")
+        self.bias_init.validate("bias_init")
+        self.regularization.validate("regularization")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _count("seed", self.seed, lo=0, hi=MAX_SEED)
+        if self.num_params > MAX_PARAMS:
+            raise SpecError("hidden", [l.units for l in self.hidden], f"{self.num_params} parameters exceed {MAX_PARAMS}")
+
+    # -- derived facts ---------------------------------------------------
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        """(input_size, hidden units..., output units)."""
+        return (self.input_size, *(l.units for l in self.hidden), self.output.units)
+
+    @property
+    def num_params(self) -> int:
+        s = self.layer_sizes
+        return sum(s[i + 1] * s[i] + s[i + 1] for i in range(len(s) - 1))
+
+    @property
+    def trainable(self) -> bool:
+        """False when every hidden layer is a ``step`` unit: no gradient
+        reaches any hidden weight, only the output layer would learn."""
+        return not self.hidden or any(l.activation != "step" for l in self.hidden)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.output.kind in ("sigmoid", "softmax")
+
+    # -- plain-data form -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """Build and validate a spec from ``to_dict``'s form. Missing keys
+        take defaults; unknown keys are a SpecError."""
+        if not isinstance(data, dict):
+            raise SpecError("spec", data, "must be a mapping")
+        kwargs = {}
+        for key, value in data.items():
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise SpecError(key, value, "unknown field of ModelSpec")
+            part = _PARTS.get(key)
+            if part is None:
+                kwargs[key] = value
+            elif key == "hidden":
+                kwargs[key] = tuple(_build(part, f"hidden[{i}]", v) for i, v in enumerate(value or ()))
+            else:
+                kwargs[key] = _build(part, key, value)
+        if "output" not in kwargs:
+            raise SpecError("output", None, "an output layer is required")
+        if "input_size" not in kwargs:
+            raise SpecError("input_size", None, "is required")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # wrong types deep inside, e.g. a str where a tuple goes
+            raise SpecError("spec", data, str(exc)) from None
+
+
+def _build(part, path: str, value):
+    if isinstance(value, part):
+        return value
+    if not isinstance(value, dict):
+        raise SpecError(path, value, "must be a mapping")
+    names = {f.name for f in dataclasses.fields(part)}
+    for key in value:
+        if key not in names:
+            raise SpecError(f"{path}.{key}", value[key], f"unknown field of {part.__name__}")
+    return part(**value)
