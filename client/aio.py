@@ -1,0 +1,143 @@
+"""The asyncio client (grpc.aio): ``AsyncClient`` and ``AsyncRemoteModel``,
+the same calls as the blocking ones, awaited. Used by the load-test tool."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import numpy as np
+
+from gradserve.tensor import decode_tensor
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+
+from . import _wire
+from ._wire import ModelInfo, StepResult
+from .sync import RETRYABLE, channel_options
+
+
+class AsyncClient:
+    """The grpc.aio twin of ``Client`` (same arguments); use ``async with``."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
+                 backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_message_bytes = int(max_message_mb * 1024 * 1024)
+        options = channel_options(max_message_mb)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(target, options))
+        self._stub = pb_grpc.TrainerStub(self._channel)
+
+    async def _call(self, method: str, request, timeout: float | None = None):
+        rpc = getattr(self._stub, method)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return await rpc(request, timeout=self.timeout if timeout is None else timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay *= 2
+
+    async def wait_ready(self, timeout: float = 30.0) -> "AsyncClient":
+        await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        return self
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def create_model(self, input_size: int, hidden=(), output=None, *, model_id: str | None = None,
+                           **spec_kwargs) -> "AsyncRemoteModel":
+        spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
+        info = _wire.model_info(await self._call("CreateModel", _wire.create_request(spec, model_id)))
+        return AsyncRemoteModel(self, info)
+
+    async def get_model(self, model_id: str) -> "AsyncRemoteModel":
+        msg = await self._call("GetModel", pb.GetModelRequest(model_id=model_id))
+        return AsyncRemoteModel(self, _wire.model_info(msg))
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [_wire.model_info(m) for m in (await self._call("ListModels", pb.ListModelsRequest())).models]
+
+    async def delete_model(self, model_id: str) -> None:
+        await self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
+
+
+class AsyncRemoteModel:
+    """One model on the server, awaited calls (see ``RemoteModel``)."""
+
+    def __init__(self, client: AsyncClient, info: ModelInfo):
+        self.client = client
+        self.info = info
+        self.model_id = info.model_id
+
+    async def refresh(self) -> ModelInfo:
+        self.info = _wire.model_info(await self.client._call("GetModel", pb.GetModelRequest(model_id=self.model_id)))
+        return self.info
+
+    async def train_step(self, X, y, *, timeout: float | None = None) -> StepResult:
+        return _wire.step_result(await self.client._call("TrainStep", _wire.train_request(self.model_id, X, y), timeout))
+
+    async def predict(self, X, *, logits: bool = False, timeout: float | None = None) -> np.ndarray:
+        parts = []
+        for req in _wire.predict_chunks(self.model_id, X, self.info.output_units, self.client.max_message_bytes, logits):
+            parts.append(decode_tensor((await self.client._call("Predict", req, timeout)).outputs, "outputs"))
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    async def gradients(self, X, y, *, timeout: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
+        resp = await self.client._call("GetGradients", _wire.gradients_request(self.model_id, X, y), timeout)
+        return resp.loss, _wire.named_arrays(resp.gradients)
+
+    async def get_weights(self) -> dict[str, np.ndarray]:
+        resp = await self.client._call("GetWeights", pb.GetWeightsRequest(model_id=self.model_id))
+        return _wire.named_arrays(resp.weights)
+
+    async def set_weights(self, weights: dict) -> None:
+        resp = await self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights))
+        self.info = _wire.model_info(resp)
+
+    async def save(self) -> int:
+        return (await self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id))).step
+
+    async def delete(self) -> None:
+        await self.client.delete_model(self.model_id)
+
+    async def train_stream(self, batches, *, timeout: float | None = None):
+        """Async generator of StepResults, one per (X, y) in ``batches``."""
+        requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
+        async for resp in self.client._stub.TrainStream(requests, timeout=timeout):
+            yield _wire.step_result(resp)
+
+    async def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+                  validation_data=None, seed: int | None = None, timeout: float | None = None
+                  ) -> dict[str, list[float]]:
+        """As ``RemoteModel.fit``, without a progress bar."""
+        X, y, _ = _wire.check_fit_args(X, y, epochs, batch_size)
+        rng = np.random.default_rng(seed)
+        history: dict[str, list[float]] = {}
+        for _epoch in range(epochs):
+            index = _wire.batches(len(X), batch_size, shuffle, rng)
+            acc = _wire.EpochAccumulator()
+            rows = iter([len(i) for i in index])
+            async for result in self.train_stream(((_wire.take(X, i), _wire.take(y, i)) for i in index),
+                                                  timeout=timeout):
+                acc.add(result, next(rows))
+            metrics = acc.summary()
+            if validation_data is not None:
+                Xv, yv = validation_data
+                metrics.update(_wire.validation_metrics(self.info, await self.predict(Xv), yv))
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+        return history

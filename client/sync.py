@@ -1,0 +1,193 @@
+"""The blocking client: ``Client`` (one channel) and ``RemoteModel`` (one
+model on the server). numpy in, numpy out; errors are ``grpc.RpcError`` with
+the server's status code and a message naming the field or limit."""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.tensor import decode_tensor
+
+from . import _wire
+from ._wire import ModelInfo, StepResult
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
+    limit = int(max_message_mb * 1024 * 1024)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+class Client:
+    """A connection to a gradserve server.
+
+    ``timeout``: default deadline in seconds for each unary call (None: no
+    deadline; streams default to none). ``retries``: how many times a call
+    that failed with UNAVAILABLE is tried again, after exponential back-off
+    (``backoff`` seconds, doubling, with jitter) — UNAVAILABLE means the
+    request did not reach a serving server, so a retry does not repeat a
+    step. ``max_message_mb`` must not exceed the server's limit; Predict
+    splits larger batches to fit.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
+                 backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_message_bytes = int(max_message_mb * 1024 * 1024)
+        options = channel_options(max_message_mb)
+        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
+                         else grpc.insecure_channel(target, options))
+        self._stub = pb_grpc.TrainerStub(self._channel)
+
+    # -- plumbing ---------------------------------------------------------
+    def _call(self, method: str, request, timeout: float | None = None):
+        rpc = getattr(self._stub, method)
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return rpc(request, timeout=self.timeout if timeout is None else timeout)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+            time.sleep(delay * (1 + random.random()))
+            delay *= 2
+
+    def wait_ready(self, timeout: float = 30.0) -> "Client":
+        """Blocks until the channel connects (or raises grpc.FutureTimeoutError)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        return self
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- models -----------------------------------------------------------
+    def create_model(self, input_size: int, hidden=(), output=None, *, model_id: str | None = None,
+                     **spec_kwargs) -> "RemoteModel":
+        """Creates a model (kwargs mirror ``nnkernels.ModelSpec``: loss,
+        optimizer, schedule, weight_init, bias_init, regularization, dtype,
+        device, seed). With ``model_id`` the call is idempotent."""
+        spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
+        info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id)))
+        return RemoteModel(self, info)
+
+    def get_model(self, model_id: str) -> "RemoteModel":
+        return RemoteModel(self, _wire.model_info(self._call("GetModel", pb.GetModelRequest(model_id=model_id))))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [_wire.model_info(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
+
+    def delete_model(self, model_id: str) -> None:
+        self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
+
+
+class RemoteModel:
+    """One model on the server. ``info`` is the last ModelInfo fetched."""
+
+    def __init__(self, client: Client, info: ModelInfo):
+        self.client = client
+        self.info = info
+        self.model_id = info.model_id
+
+    def __repr__(self) -> str:
+        return f"RemoteModel({self.model_id!r}, params={self.info.num_params}, target={self.client.target!r})"
+
+    def refresh(self) -> ModelInfo:
+        self.info = _wire.model_info(self.client._call("GetModel", pb.GetModelRequest(model_id=self.model_id)))
+        return self.info
+
+    @property
+    def step(self) -> int:
+        """The server's step count (one round trip)."""
+        return self.refresh().step
+
+    def train_step(self, X, y, *, timeout: float | None = None) -> StepResult:
+        """One optimizer step on the batch (X, y)."""
+        return _wire.step_result(self.client._call("TrainStep", _wire.train_request(self.model_id, X, y), timeout))
+
+    def predict(self, X, *, logits: bool = False, timeout: float | None = None) -> np.ndarray:
+        """Outputs (probabilities for classifiers; pre-activation logits with
+        ``logits=True``) for every row of X, in chunks under the message limit."""
+        parts = [decode_tensor(self.client._call("Predict", req, timeout).outputs, "outputs")
+                 for req in _wire.predict_chunks(self.model_id, X, self.info.output_units,
+                                                 self.client.max_message_bytes, logits)]
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def gradients(self, X, y, *, timeout: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
+        """(loss, {parameter name: d loss / d parameter}); the model is unchanged."""
+        resp = self.client._call("GetGradients", _wire.gradients_request(self.model_id, X, y), timeout)
+        return resp.loss, _wire.named_arrays(resp.gradients)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """{"layers.{i}.weight" (out x in), "layers.{i}.bias": array}."""
+        return _wire.named_arrays(self.client._call("GetWeights", pb.GetWeightsRequest(model_id=self.model_id)).weights)
+
+    def set_weights(self, weights: dict) -> None:
+        """Replaces every parameter; optimizer state and step are kept."""
+        self.info = _wire.model_info(self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights)))
+
+    def save(self) -> int:
+        """Checkpoints the model to the server's store now; returns the step saved."""
+        return self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id)).step
+
+    def delete(self) -> None:
+        self.client.delete_model(self.model_id)
+
+    def train_stream(self, batches, *, timeout: float | None = None):
+        """Streams (X, y) batches through TrainStream; yields a StepResult
+        per batch, in order, without a round trip per batch."""
+        requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
+        for resp in self.client._stub.TrainStream(requests, timeout=timeout):
+            yield _wire.step_result(resp)
+
+    def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+            validation_data=None, seed: int | None = None, progress: bool = True,
+            timeout: float | None = None) -> dict[str, list[float]]:
+        """Trains for ``epochs`` passes over (X, y) in batches (shuffled each
+        epoch with ``seed`` when ``shuffle``), streaming each epoch through
+        TrainStream, with a tqdm progress bar. Returns the per-epoch history:
+        ``loss`` (and ``accuracy`` for classifiers) as row-weighted means of
+        the steps' values, plus ``val_loss``/``val_accuracy`` when
+        ``validation_data=(X_val, y_val)`` is given."""
+        from tqdm.auto import tqdm
+
+        X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
+        rng = np.random.default_rng(seed)
+        history: dict[str, list[float]] = {}
+        bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
+                   desc=f"fit {self.model_id}")
+        try:
+            for epoch in range(epochs):
+                index = _wire.batches(len(X), batch_size, shuffle, rng)
+                acc = _wire.EpochAccumulator()
+                stream = self.train_stream(((_wire.take(X, i), _wire.take(y, i)) for i in index), timeout=timeout)
+                for rows, result in zip((len(i) for i in index), stream):
+                    acc.add(result, rows)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4g}")
+                metrics = acc.summary()
+                if validation_data is not None:
+                    Xv, yv = validation_data
+                    metrics.update(_wire.validation_metrics(self.info, self.predict(Xv), yv))
+                for key, value in metrics.items():
+                    history.setdefault(key, []).append(value)
+                bar.set_postfix({"epoch": epoch + 1, **{k: f"{v:.4g}" for k, v in metrics.items()}})
+        finally:
+            bar.close()
+        return history

@@ -1,0 +1,79 @@
+"""The one place that knows a Tensor's byte layout on the wire.
+
+A ``gradserve.v1.Tensor`` is ``dtype``, ``shape`` and ``data``: prod(shape)
+elements, row-major, little-endian. ``encode_tensor`` turns an array into a
+message; ``decode_tensor`` turns a message into a read-only array that
+shares the message's bytes (``np.frombuffer``: no copy). Both server and
+client use these two functions and nothing else.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradserve.v1 import trainer_pb2 as pb
+
+# wire dtype <-> numpy dtype (always little-endian on the wire)
+WIRE_DTYPES = {
+    pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+_BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in WIRE_DTYPES.items()}
+
+
+class TensorError(ValueError):
+    """A Tensor message (or an array to encode) is malformed. ``field`` names
+    where it came from (``inputs``, ``targets``, a parameter name)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+def wire_array(array, field: str = "tensor") -> np.ndarray:
+    """``array`` as a C-contiguous little-endian array of a wire dtype:
+    float16 becomes float32, bool and other integer widths become int64."""
+    a = np.asarray(array)
+    if a.dtype.kind == "f" and a.dtype.itemsize < 4:
+        a = a.astype(np.float32)
+    elif a.dtype.kind in "biu" and (a.dtype.kind, a.dtype.itemsize) not in _BY_KIND:
+        a = a.astype(np.int64)
+    elif a.dtype.kind == "u":
+        a = a.astype(np.int64)
+    if (a.dtype.kind, a.dtype.itemsize) not in _BY_KIND:
+        raise TensorError(field, f"dtype {a.dtype} cannot travel; use float32, float64, int32 or int64")
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def encode_tensor(array, field: str = "tensor", out: pb.Tensor | None = None) -> pb.Tensor:
+    """An array as a Tensor message (fills ``out`` when given, e.g. a
+    sub-message field of a request)."""
+    a = wire_array(array, field)
+    msg = pb.Tensor() if out is None else out
+    msg.dtype = _BY_KIND[(a.dtype.kind, a.dtype.itemsize)]
+    msg.shape[:] = a.shape
+    msg.data = a.tobytes()
+    return msg
+
+
+def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """A Tensor message as a read-only ndarray sharing the message's bytes.
+    Raises TensorError naming ``field`` for an unknown dtype, a negative
+    dimension, or a byte length that is not prod(shape) * itemsize."""
+    dtype = WIRE_DTYPES.get(msg.dtype)
+    if dtype is None:
+        name = pb.DataType.Name(msg.dtype) if msg.dtype in pb.DataType.values() else str(msg.dtype)
+        raise TensorError(field, f"unknown dtype {name}; expected one of "
+                          + ", ".join(pb.DataType.Name(c) for c in WIRE_DTYPES))
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(field, f"negative dimension in shape {list(shape)}")
+    count = math.prod(shape)
+    if len(msg.data) != count * dtype.itemsize:
+        raise TensorError(field, f"data has {len(msg.data)} bytes but shape {list(shape)} of "
+                          f"{dtype.name} needs {count * dtype.itemsize}")
+    return np.frombuffer(msg.data, dtype=dtype).reshape(shape)

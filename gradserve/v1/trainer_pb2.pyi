@@ -1,0 +1,321 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT64: _ClassVar[DataType]
+    DATA_TYPE_INT32: _ClassVar[DataType]
+    DATA_TYPE_INT64: _ClassVar[DataType]
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT64: DataType
+DATA_TYPE_INT32: DataType
+DATA_TYPE_INT64: DataType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LayerSpec(_message.Message):
+    __slots__ = ("units", "activation", "negative_slope", "alpha", "dropout")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_SLOPE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    units: int
+    activation: str
+    negative_slope: float
+    alpha: float
+    dropout: float
+    def __init__(self, units: _Optional[int] = ..., activation: _Optional[str] = ..., negative_slope: _Optional[float] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ...) -> None: ...
+
+class OutputSpec(_message.Message):
+    __slots__ = ("units", "kind")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    units: int
+    kind: str
+    def __init__(self, units: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class LossSpec(_message.Message):
+    __slots__ = ("name", "label_smoothing")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    label_smoothing: float
+    def __init__(self, name: _Optional[str] = ..., label_smoothing: _Optional[float] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("name", "lr", "weight_decay", "eps", "momentum", "dampening", "nesterov", "beta1", "beta2", "amsgrad", "alpha", "centered", "lr_decay", "initial_accumulator_value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    DAMPENING_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    AMSGRAD_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CENTERED_FIELD_NUMBER: _ClassVar[int]
+    LR_DECAY_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    weight_decay: float
+    eps: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    beta1: float
+    beta2: float
+    amsgrad: bool
+    alpha: float
+    centered: bool
+    lr_decay: float
+    initial_accumulator_value: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
+
+class ScheduleSpec(_message.Message):
+    __slots__ = ("name", "step_size", "gamma", "t_max", "eta_min")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    T_MAX_FIELD_NUMBER: _ClassVar[int]
+    ETA_MIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    step_size: int
+    gamma: float
+    t_max: int
+    eta_min: float
+    def __init__(self, name: _Optional[str] = ..., step_size: _Optional[int] = ..., gamma: _Optional[float] = ..., t_max: _Optional[int] = ..., eta_min: _Optional[float] = ...) -> None: ...
+
+class InitSpec(_message.Message):
+    __slots__ = ("name", "value", "a", "b", "mean", "std", "gain")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    GAIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    a: float
+    b: float
+    mean: float
+    std: float
+    gain: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., gain: _Optional[float] = ...) -> None: ...
+
+class RegularizationSpec(_message.Message):
+    __slots__ = ("input_noise_std", "clip_grad_norm")
+    INPUT_NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    input_noise_std: float
+    clip_grad_norm: float
+    def __init__(self, input_noise_std: _Optional[float] = ..., clip_grad_norm: _Optional[float] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("input_size", "hidden", "output", "loss", "optimizer", "schedule", "weight_init", "bias_init", "regularization", "dtype", "device", "seed")
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_INIT_FIELD_NUMBER: _ClassVar[int]
+    BIAS_INIT_FIELD_NUMBER: _ClassVar[int]
+    REGULARIZATION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    input_size: int
+    hidden: _containers.RepeatedCompositeFieldContainer[LayerSpec]
+    output: OutputSpec
+    loss: LossSpec
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec
+    weight_init: InitSpec
+    bias_init: InitSpec
+    regularization: RegularizationSpec
+    dtype: str
+    device: str
+    seed: int
+    def __init__(self, input_size: _Optional[int] = ..., hidden: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., weight_init: _Optional[_Union[InitSpec, _Mapping]] = ..., bias_init: _Optional[_Union[InitSpec, _Mapping]] = ..., regularization: _Optional[_Union[RegularizationSpec, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("spec", "model_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    model_id: str
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ParamShape(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "num_params", "spec", "step", "created_unix", "params")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    num_params: int
+    spec: ModelSpec
+    step: int
+    created_unix: float
+    params: _containers.RepeatedCompositeFieldContainer[ParamShape]
+    def __init__(self, model_id: _Optional[str] = ..., num_params: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., params: _Optional[_Iterable[_Union[ParamShape, _Mapping]]] = ...) -> None: ...
+
+class TrainStepRequest(_message.Message):
+    __slots__ = ("model_id", "inputs", "targets")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    inputs: Tensor
+    targets: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainStepResponse(_message.Message):
+    __slots__ = ("step", "loss", "accuracy", "grad_norm", "lr")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    accuracy: float
+    grad_norm: float
+    lr: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("model_id", "inputs", "logits")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    inputs: Tensor
+    logits: bool
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[bool] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: Tensor
+    def __init__(self, outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetGradientsRequest(_message.Message):
+    __slots__ = ("model_id", "inputs", "targets")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    inputs: Tensor
+    targets: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetGradientsResponse(_message.Message):
+    __slots__ = ("loss", "gradients", "step")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    gradients: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    step: int
+    def __init__(self, loss: _Optional[float] = ..., gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetWeightsRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class GetWeightsResponse(_message.Message):
+    __slots__ = ("step", "weights")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, step: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class SetWeightsRequest(_message.Message):
+    __slots__ = ("model_id", "weights")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    weights: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, model_id: _Optional[str] = ..., weights: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class SaveModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class SaveModelResponse(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
