@@ -1,0 +1,92 @@
+"""The CUDA kernels build for a real GPU, checked WITHOUT a GPU: every kernel
+of ``nnkernels.cuda.kernels`` is compiled to sm_90 PTX, for float32 and
+float64, at the GPU tile size, with ``cuda.compile_ptx`` (numba-cuda's cu13
+wheels carry NVVM). Runs in the main (non-simulator) pytest process.
+
+Also: asking for a cuda model in a process without a GPU raises
+DeviceUnavailableError. Neither test skips: without numba-cuda they fail.
+"""
+import os
+import types as pytypes
+from unittest import mock
+
+import pytest
+
+# This file must not run under the simulator: compile_ptx does not exist there.
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def _real_cuda():
+    assert not SIM, "tests/test_cuda_ptx.py runs in the main pytest process, without NUMBA_ENABLE_CUDASIM"
+    from nnkernels.cuda import numba_cuda
+    assert numba_cuda is not None, "numba-cuda is not installed (pip install 'gradserve[cuda]')"
+    return numba_cuda
+
+
+def _sources():
+    from nnkernels.cuda import kernels as K
+    return [(dt, name, fn, sig)
+            for dt in ("float32", "float64")
+            for name, (fn, sig) in K.build_sources(dt, K.TILE, K.THREADS).items()]
+
+
+EXPECTED = {
+    "linear_forward", "linear_backward_input", "linear_backward_weight", "bias_grad",
+    "add_noise", "output_activation", "loss_dense", "loss_labels", "reduce_rows",
+    "sq_norm_partial", "sum_to_slot", "sgd_step", "adagrad_step", "rmsprop_step", "adam_step",
+}
+
+
+def test_every_kernel_is_listed():
+    _real_cuda()
+    names = {name for _dt, name, _fn, _sig in _sources()}
+    assert names == EXPECTED
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_kernel_compiles_to_sm90_ptx(dtype):
+    cuda = _real_cuda()
+    import numba.cuda.dispatcher as dispatcher
+    # Device functions (activations, rng.uniform01/box_muller) are compiled
+    # for "the current device" when a kernel calls them; with no GPU there is
+    # none, so say it is a compute capability 9.0 device (what we target).
+    fake_device = pytypes.SimpleNamespace(compute_capability=(9, 0))
+    compiled = []
+    with mock.patch.object(dispatcher, "get_current_device", lambda: fake_device):
+        for dt, name, fn, sig in _sources():
+            if dt != dtype:
+                continue
+            ptx, resty = cuda.compile_ptx(fn, sig.args, cc=(9, 0))
+            assert ".target sm_90" in ptx, name
+            assert ".entry" in ptx, name
+            compiled.append(name)
+    assert set(compiled) == EXPECTED
+
+
+def test_float32_products_stay_float32():
+    """The float32 matrix products do their arithmetic in float32 (fp64 is
+    slow on most GPUs); only the dropout draw compares in float64."""
+    cuda = _real_cuda()
+    from nnkernels.cuda import kernels as K
+    src = K.build_sources("float32", K.TILE, K.THREADS)
+    for name in ("linear_backward_weight", "bias_grad", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
+        fn, sig = src[name]
+        ptx, _ = cuda.compile_ptx(fn, sig.args, cc=(9, 0))
+        assert ".f64" not in ptx, name
+
+
+def test_cuda_model_without_gpu_raises_device_unavailable():
+    _real_cuda()
+    from nnkernels import DeviceUnavailableError, ModelSpec, OutputSpec, LayerSpec
+    from nnkernels.backend import available_devices, make_backend
+    from nnkernels.cuda import is_available
+    import numpy as np
+    spec = ModelSpec(input_size=3, hidden=(LayerSpec(5),), output=OutputSpec(2), device="cuda")
+    params = np.zeros(spec.num_params, np.float32)
+    if is_available():  # a GPU machine: the same request must succeed instead
+        assert "cuda" in available_devices()
+        assert type(make_backend(spec, params)).__name__ == "CudaBackend"
+        return
+    assert "cuda" not in available_devices()
+    with pytest.raises(DeviceUnavailableError):
+        make_backend(spec, params)
