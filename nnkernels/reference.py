@@ -1,0 +1,473 @@
+"""Plain-NumPy forward, backward, losses, optimizers and schedules: the oracle
+every backend is tested against, and the place to read what the fast kernels
+must compute. Slow on purpose; every formula is written out once.
+
+Backprop in one paragraph: the forward pass keeps each layer's
+pre-activation ``z``, activation ``a`` and (after dropout) output ``h``. The
+loss gives ``delta = dL/dz`` of the output layer. For each dense layer, from
+the top: ``dW = delta.T @ h_prev``, ``db = delta.sum(0)``, and the delta of
+the layer below is ``(delta @ W) * dropout_scale * act'(z)``.
+
+Conventions shared with every backend (see ``nnkernels.rng``):
+
+- Dropout on hidden layer i (training only, probability p): element
+  (r, c) of the layer's activation is kept when ``uniform01(key, r·u + c) >=
+  p`` with ``key = stream_key(seed, step, dropout_stream(i))``, and a kept
+  element is multiplied by ``1/(1-p)`` (inverted dropout, torch.nn.Dropout).
+- Input noise (training only): ``x + std·N`` with ``N`` the normal draw
+  number ``r·input_size + c`` of ``stream_key(seed, step, NOISE_STREAM)``.
+- ``step`` is the number of optimizer steps already taken.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import rng
+from .params import ParamLayout
+from .spec import ModelSpec, OptimizerSpec, ScheduleSpec
+
+# --------------------------------------------------------------------------
+# Activations: f(z) and f'(z), as torch.nn.functional defines them.
+# ``p`` is the layer's extra parameter (negative_slope or alpha), else unused.
+# --------------------------------------------------------------------------
+GELU_C = math.sqrt(2.0 / math.pi)
+SOFTPLUS_THRESHOLD = 20.0
+
+
+def identity(z, p=0.0):
+    return z.copy()
+
+
+def identity_grad(z, a, p=0.0):
+    return np.ones_like(z)
+
+
+def relu(z, p=0.0):
+    """max(z, 0)."""
+    return np.where(z > 0, z, 0).astype(z.dtype)
+
+
+def relu_grad(z, a, p=0.0):
+    """1 where z > 0, else 0 (torch's threshold_backward)."""
+    return (z > 0).astype(z.dtype)
+
+
+def leaky_relu(z, p=0.01):
+    """z if z > 0 else negative_slope·z."""
+    return np.where(z > 0, z, z * z.dtype.type(p))
+
+
+def leaky_relu_grad(z, a, p=0.01):
+    return np.where(z > 0, 1, p).astype(z.dtype)
+
+
+def elu(z, p=1.0):
+    """z if z > 0 else alpha·(exp(z) - 1)."""
+    return np.where(z > 0, z, z.dtype.type(p) * np.expm1(np.minimum(z, 0)))
+
+
+def elu_grad(z, a, p=1.0):
+    """1 if z > 0 else alpha·exp(z) (= a + alpha)."""
+    return np.where(z > 0, 1, z.dtype.type(p) * np.exp(np.minimum(z, 0))).astype(z.dtype)
+
+
+def softplus(z, p=0.0):
+    """log(1 + exp(z)), and z itself where z > 20 (torch: beta=1, threshold=20)."""
+    return np.where(z > SOFTPLUS_THRESHOLD, z, np.log1p(np.exp(np.minimum(z, SOFTPLUS_THRESHOLD))))
+
+
+def softplus_grad(z, a, p=0.0):
+    """sigmoid(z), and 1 where z > 20."""
+    return np.where(z > SOFTPLUS_THRESHOLD, 1, sigmoid(z)).astype(z.dtype)
+
+
+def sigmoid(z, p=0.0):
+    """1 / (1 + exp(-z)), evaluated without overflow."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype)
+
+
+def sigmoid_grad(z, a, p=0.0):
+    return a * (1 - a)
+
+
+def tanh(z, p=0.0):
+    return np.tanh(z)
+
+
+def tanh_grad(z, a, p=0.0):
+    return 1 - a * a
+
+
+def hardswish(z, p=0.0):
+    """0 if z <= -3; z if z >= 3; z·(z + 3)/6 between."""
+    return np.where(z <= -3, 0, np.where(z >= 3, z, z * (z + 3) / 6)).astype(z.dtype)
+
+
+def hardswish_grad(z, a, p=0.0):
+    """0 if z < -3; z/3 + 1/2 if z <= 3; 1 above (torch's hardswish_backward)."""
+    return np.where(z < -3, 0, np.where(z <= 3, z / 3 + 0.5, 1)).astype(z.dtype)
+
+
+def gelu(z, p=0.0):
+    """0.5·z·(1 + tanh(sqrt(2/π)·(z + 0.044715·z³))) (torch approximate='tanh')."""
+    return 0.5 * z * (1 + np.tanh(GELU_C * (z + 0.044715 * z ** 3)))
+
+
+def gelu_grad(z, a, p=0.0):
+    t = np.tanh(GELU_C * (z + 0.044715 * z ** 3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * z * z)
+
+
+def step(z, p=0.0):
+    """Threshold unit: 1 where z > 0, else 0."""
+    return (z > 0).astype(z.dtype)
+
+
+def step_grad(z, a, p=0.0):
+    """Zero everywhere (the jump at 0 has no usable derivative): no gradient
+    flows through a step layer."""
+    return np.zeros_like(z)
+
+
+ACTIVATIONS = {
+    "identity": identity, "relu": relu, "leaky_relu": leaky_relu, "elu": elu,
+    "softplus": softplus, "sigmoid": sigmoid, "tanh": tanh,
+    "hardswish": hardswish, "gelu": gelu, "step": step,
+}
+DERIVATIVES = {
+    "identity": identity_grad, "relu": relu_grad, "leaky_relu": leaky_relu_grad,
+    "elu": elu_grad, "softplus": softplus_grad, "sigmoid": sigmoid_grad,
+    "tanh": tanh_grad, "hardswish": hardswish_grad, "gelu": gelu_grad,
+    "step": step_grad,
+}
+
+
+def layer_param(layer) -> float:
+    """The extra activation parameter of a hidden LayerSpec."""
+    if layer.activation == "leaky_relu":
+        return layer.negative_slope
+    if layer.activation == "elu":
+        return layer.alpha
+    return 0.0
+
+
+# --------------------------------------------------------------------------
+# Output activations and losses (mean reduction), as torch.nn.
+# Each ``*_loss_and_delta`` returns (loss as float, dL/dlogits).
+# --------------------------------------------------------------------------
+def log_softmax(z):
+    """z - logsumexp(z) per row, with the row max subtracted first."""
+    m = z.max(axis=1, keepdims=True)
+    s = z - m
+    return s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+
+
+def softmax(z):
+    return np.exp(log_softmax(z))
+
+
+def output_activation(kind: str, z):
+    if kind == "identity":
+        return z.copy()
+    if kind == "sigmoid":
+        return sigmoid(z)
+    return softmax(z)
+
+
+def mse_loss_and_delta(out, y):
+    """torch.nn.MSELoss(): mean((out - y)²) over all n·k elements;
+    dL/dout = 2·(out - y)/(n·k)."""
+    d = out - y
+    loss = float(np.mean(d.astype(np.float64) ** 2))
+    return loss, 2 * d / d.size
+
+
+def bce_with_logits_loss_and_delta(z, y):
+    """torch.nn.BCEWithLogitsLoss(): mean over all elements of
+    max(z, 0) - z·y + log(1 + exp(-|z|)) (the stable form of
+    -[y·log σ(z) + (1-y)·log(1-σ(z))]); dL/dz = (σ(z) - y)/(n·k)."""
+    z64 = z.astype(np.float64)
+    per = np.maximum(z64, 0) - z64 * y + np.log1p(np.exp(-np.abs(z64)))
+    return float(per.mean()), (sigmoid(z) - y) / z.size
+
+
+def smoothed_targets(y, units: int, label_smoothing: float):
+    """The per-row target distribution torch.nn.CrossEntropyLoss uses:
+    one-hot labels (or the given probabilities) t, then
+    t·(1 - ε) + ε/C with ε = label_smoothing, C = units. float64."""
+    if y.ndim == 1:
+        t = np.zeros((y.shape[0], units))
+        t[np.arange(y.shape[0]), y] = 1.0
+    else:
+        t = y.astype(np.float64)
+    return t * (1 - label_smoothing) + label_smoothing / units
+
+
+def softmax_cross_entropy_loss_and_delta(z, y, label_smoothing=0.0):
+    """torch.nn.CrossEntropyLoss(label_smoothing=ε), mean over the n rows:
+    loss_r = -Σ_c t_rc · log_softmax(z)_rc with t from ``smoothed_targets``.
+    dL/dz_r = (p_r·Σ_c t_rc - t_r)/n, which is (p - t)/n when each target row
+    sums to 1 (labels, or probability targets)."""
+    n, units = z.shape
+    t = smoothed_targets(y, units, label_smoothing)
+    logp = log_softmax(z.astype(np.float64))
+    loss = float(-(t * logp).sum(axis=1).mean())
+    delta = (np.exp(logp) * t.sum(axis=1, keepdims=True) - t) / n
+    return loss, delta.astype(z.dtype)
+
+
+def loss_and_delta(spec: ModelSpec, logits, y):
+    kind = spec.output.kind
+    if kind == "identity":
+        return mse_loss_and_delta(logits, y)
+    if kind == "sigmoid":
+        return bce_with_logits_loss_and_delta(logits, y)
+    return softmax_cross_entropy_loss_and_delta(logits, y, spec.loss.label_smoothing)
+
+
+def count_correct(spec: ModelSpec, logits, y) -> int:
+    """softmax: rows whose argmax equals the label (or the target's argmax);
+    sigmoid: elements where (p > 0.5) == (y > 0.5), i.e. (z > 0) == (y > 0.5);
+    regression: 0."""
+    kind = spec.output.kind
+    if kind == "softmax":
+        labels = y if y.ndim == 1 else y.argmax(axis=1)
+        return int((logits.argmax(axis=1) == labels).sum())
+    if kind == "sigmoid":
+        return int(((logits > 0) == (y > 0.5)).sum())
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Forward and backward
+# --------------------------------------------------------------------------
+def dropout_keep_scale(spec: ModelSpec, layer: int, step: int, shape):
+    """Multiplier per element of hidden layer ``layer``'s activation:
+    1/(1-p) where kept, 0 where dropped (see module docstring)."""
+    p = spec.hidden[layer].dropout
+    key = rng.stream_key(spec.seed, step, rng.dropout_stream(layer))
+    u = rng.uniform01_array(key, shape[0] * shape[1]).reshape(shape)
+    return np.where(u >= p, 1.0 / (1.0 - p), 0.0)
+
+
+def input_noise(spec: ModelSpec, step: int, shape):
+    """std·N, the Gaussian noise added to the inputs in training (float64)."""
+    key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
+    return spec.regularization.input_noise_std * rng.normal_array(key, shape[0] * shape[1]).reshape(shape)
+
+
+def forward(spec: ModelSpec, params, X, *, training=False, step=0):
+    """Returns a cache: ``hs`` (the input to each dense layer, X first),
+    ``zs`` and ``as_`` of every hidden layer, ``masks`` (dropout scales or
+    None) and ``logits`` (the output layer's pre-activation)."""
+    layout = ParamLayout(spec)
+    views = layout.views(params)
+    dtype = params.dtype
+    h = X.astype(dtype)
+    if training and spec.regularization.input_noise_std > 0:
+        h = h + input_noise(spec, step, h.shape).astype(dtype)
+    cache = {"hs": [h], "zs": [], "as_": [], "masks": []}
+    for i, layer in enumerate(spec.hidden):
+        W, b = views[i]
+        z = h @ W.T + b
+        a = ACTIVATIONS[layer.activation](z, layer_param(layer)).astype(dtype)
+        mask = None
+        if training and layer.dropout > 0:
+            mask = dropout_keep_scale(spec, i, step, a.shape).astype(dtype)
+            h = a * mask
+        else:
+            h = a
+        cache["zs"].append(z)
+        cache["as_"].append(a)
+        cache["masks"].append(mask)
+        cache["hs"].append(h)
+    W, b = views[-1]
+    cache["logits"] = h @ W.T + b
+    return cache
+
+
+def predict(spec: ModelSpec, params, X, logits=False):
+    """Inference outputs: probabilities (classifiers) / values, or logits."""
+    z = forward(spec, params, X)["logits"]
+    return z if logits else output_activation(spec.output.kind, z).astype(params.dtype)
+
+
+def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
+    """Training-mode loss and gradient of the mean loss with respect to the
+    flat parameters: returns (loss, correct, grads) with grads in the flat
+    layout."""
+    layout = ParamLayout(spec)
+    views = layout.views(params)
+    cache = forward(spec, params, X, training=True, step=step)
+    loss, delta = loss_and_delta(spec, cache["logits"], y)
+    delta = delta.astype(params.dtype)
+    grads = np.zeros_like(params)
+    gviews = layout.views(grads)
+    for i in range(layout.num_layers - 1, -1, -1):
+        gW, gb = gviews[i]
+        gW[...] = delta.T @ cache["hs"][i]
+        gb[...] = delta.astype(np.float64).sum(axis=0)
+        if i > 0:
+            W = views[i][0]
+            layer = spec.hidden[i - 1]
+            dh = delta @ W
+            if cache["masks"][i - 1] is not None:
+                dh = dh * cache["masks"][i - 1]
+            deriv = DERIVATIVES[layer.activation](cache["zs"][i - 1], cache["as_"][i - 1], layer_param(layer))
+            delta = (dh * deriv).astype(params.dtype)
+    return loss, count_correct(spec, cache["logits"], y), grads
+
+
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_: min(1, max_norm/(total_norm + 1e-6));
+    1.0 when clipping is off (max_norm == 0)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (grad_norm + 1e-6))
+
+
+# --------------------------------------------------------------------------
+# Learning-rate schedules: lr as a function of t = optimizer steps taken.
+# --------------------------------------------------------------------------
+def scheduled_lr(schedule: ScheduleSpec, base_lr: float, t: int) -> float:
+    """constant: lr; step: lr·gamma^(t // step_size) (StepLR);
+    exponential: lr·gamma^t (ExponentialLR); cosine: eta_min + (lr -
+    eta_min)·(1 + cos(π·t/t_max))/2 (CosineAnnealingLR's closed form)."""
+    name = schedule.name
+    if name == "constant":
+        return base_lr
+    if name == "step":
+        return base_lr * schedule.gamma ** (t // schedule.step_size)
+    if name == "exponential":
+        return base_lr * schedule.gamma ** t
+    return schedule.eta_min + (base_lr - schedule.eta_min) * (1 + math.cos(math.pi * t / schedule.t_max)) / 2
+
+
+# --------------------------------------------------------------------------
+# Optimizers: torch.optim's single-tensor (foreach=False, fused=False) math
+# on the flat buffers. ``t`` is the 1-based step number.
+# --------------------------------------------------------------------------
+def state_names(opt: OptimizerSpec) -> tuple[str, ...]:
+    """The optimizer state buffers, named as in torch.optim's state dicts."""
+    if opt.name == "sgd":
+        return ("momentum_buffer",) if opt.momentum != 0 else ()
+    if opt.name == "adagrad":
+        return ("sum",)
+    if opt.name == "rmsprop":
+        return ("square_avg",) + (("momentum_buffer",) if opt.momentum > 0 else ()) \
+            + (("grad_avg",) if opt.centered else ())
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if opt.amsgrad else ())
+
+
+def init_state(opt: OptimizerSpec, size: int, dtype) -> dict[str, np.ndarray]:
+    """Fresh state as torch.optim creates it (Adagrad's sum starts at
+    initial_accumulator_value; everything else at 0)."""
+    state = {name: np.zeros(size, dtype=dtype) for name in state_names(opt)}
+    if opt.name == "adagrad":
+        state["sum"][:] = opt.initial_accumulator_value
+    return state
+
+
+def lerp(start, end, weight):
+    """torch.lerp: start + w·(end - start) for w < 0.5, else
+    end - (end - start)·(1 - w)."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1 - weight)
+
+
+def optimizer_step(opt: OptimizerSpec, params, grad, state, lr: float, t: int) -> None:
+    """One update of ``params`` (in place) from ``grad`` (not modified)."""
+    {"sgd": sgd_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step,
+     "adam": adam_step, "adamw": adam_step}[opt.name](opt, params, grad, state, lr, t)
+
+
+def sgd_step(opt, p, g, state, lr, t):
+    """torch.optim.SGD:
+    g ← g + wd·p;  if momentum: b ← g at t = 1, else b ← μ·b + (1-τ)·g;
+    g ← g + μ·b (nesterov) or g ← b;  p ← p - lr·g."""
+    d = g + opt.weight_decay * p if opt.weight_decay != 0 else g.copy()
+    if opt.momentum != 0:
+        b = state["momentum_buffer"]
+        if t == 1:
+            b[...] = d
+        else:
+            b[...] = b * opt.momentum + (1 - opt.dampening) * d
+        d = d + opt.momentum * b if opt.nesterov else b
+    p -= lr * d
+
+
+def adagrad_step(opt, p, g, state, lr, t):
+    """torch.optim.Adagrad:
+    g ← g + wd·p;  clr = lr/(1 + (t-1)·lr_decay);  s ← s + g²;
+    p ← p - clr·g/(sqrt(s) + eps)."""
+    if opt.weight_decay != 0:
+        g = g + opt.weight_decay * p
+    clr = lr / (1 + (t - 1) * opt.lr_decay)
+    s = state["sum"]
+    s += g * g
+    p -= clr * (g / (np.sqrt(s) + opt.eps))
+
+
+def rmsprop_step(opt, p, g, state, lr, t):
+    """torch.optim.RMSprop:
+    g ← g + wd·p;  v ← α·v + (1-α)·g²;
+    centered: ḡ ← lerp(ḡ, g, 1-α), d = sqrt(v - ḡ²) + eps; else d = sqrt(v) + eps;
+    momentum: b ← μ·b + g/d, p ← p - lr·b; else p ← p - lr·g/d."""
+    if opt.weight_decay != 0:
+        g = g + opt.weight_decay * p
+    v = state["square_avg"]
+    v *= opt.alpha
+    v += (1 - opt.alpha) * (g * g)
+    if opt.centered:
+        ga = state["grad_avg"]
+        ga[...] = lerp(ga, g, 1 - opt.alpha)
+        avg = np.sqrt(v - ga * ga) + opt.eps
+    else:
+        avg = np.sqrt(v) + opt.eps
+    if opt.momentum > 0:
+        b = state["momentum_buffer"]
+        b[...] = b * opt.momentum + g / avg
+        p -= lr * b
+    else:
+        p -= lr * (g / avg)
+
+
+def adam_step(opt, p, g, state, lr, t):
+    """torch.optim.Adam / AdamW:
+    Adam: g ← g + wd·p;  AdamW: p ← p·(1 - lr·wd);
+    m ← lerp(m, g, 1-β1);  v ← β2·v + (1-β2)·g²;
+    amsgrad: v̂ ← max(v̂, v), else v̂ = v;
+    p ← p - (lr/(1-β1^t)) · m / (sqrt(v̂)/sqrt(1-β2^t) + eps)."""
+    if opt.name == "adamw":
+        p *= 1 - lr * opt.weight_decay
+    elif opt.weight_decay != 0:
+        g = g + opt.weight_decay * p
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m[...] = lerp(m, g, 1 - opt.beta1)
+    v *= opt.beta2
+    v += (1 - opt.beta2) * (g * g)
+    if opt.amsgrad:
+        vmax = state["max_exp_avg_sq"]
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    step_size = lr / (1 - opt.beta1 ** t)
+    bc2_sqrt = math.sqrt(1 - opt.beta2 ** t)
+    p -= step_size * (m / (np.sqrt(v) / bc2_sqrt + opt.eps))
+
+
+def train_step(spec: ModelSpec, params, state, X, y, step: int):
+    """One full training step on the reference (in place on params/state):
+    gradients at ``step``, clipping, scheduled lr, optimizer update at
+    t = step + 1. Returns (loss, correct, grad_norm, lr)."""
+    loss, correct, grads = loss_and_grads(spec, params, X, y, step)
+    norm = math.sqrt(float(np.sum(grads.astype(np.float64) ** 2)))
+    scale = clip_coefficient(norm, spec.regularization.clip_grad_norm)
+    if scale != 1.0:
+        grads = grads * grads.dtype.type(scale)
+    lr = scheduled_lr(spec.schedule, spec.optimizer.lr, step)
+    optimizer_step(spec.optimizer, params, grads, state, lr, step + 1)
+    return loss, correct, norm, lr

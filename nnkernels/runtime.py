@@ -1,0 +1,137 @@
+"""Process-wide set-up for the CPU kernels: the Numba threading layer, and the
+thread budget shared by Numba's parallel loops and SciPy's OpenBLAS.
+
+Imported by ``nnkernels/__init__.py`` before anything imports numba:
+
+- ``libtbb.so.12`` from the ``tbb`` wheel lives in ``sys.prefix/lib``, which
+  the loader does not search; it is preloaded with RTLD_GLOBAL so Numba can
+  use the TBB layer. ``NUMBA_THREADING_LAYER`` is set to ``tbb`` unless the
+  user set it. The default ``workqueue`` layer aborts the process when two
+  threads run parallel kernels at once, so ``check_threading_layer`` refuses
+  it after the first parallel call.
+- Thread budget: Numba's pool and OpenBLAS's pool spinning against each
+  other made a step 11× slower (NUMBA_NOTES.md). Each kernel call sets, for
+  the calling thread only, the Numba thread count
+  (``numba.set_num_threads``) and the OpenBLAS thread count
+  (``openblas_set_num_threads_local``) from the batch size: one thread for
+  both below ``PARALLEL_MIN_ROWS`` rows (measured faster there), else the
+  budget. ``set_thread_budget(n)`` changes the budget (default: all of
+  Numba's threads); a server with W concurrent workers should pass about
+  cores / W.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+import threading
+
+_USER_LAYER = os.environ.get("NUMBA_THREADING_LAYER", "")
+_TBB_PATH = os.path.join(sys.prefix, "lib", "libtbb.so.12")
+_tbb_loaded = False
+if os.path.exists(_TBB_PATH):
+    try:
+        ctypes.CDLL(_TBB_PATH, mode=ctypes.RTLD_GLOBAL)
+        _tbb_loaded = True
+    except OSError:
+        pass
+if not _USER_LAYER:
+    os.environ["NUMBA_THREADING_LAYER"] = "tbb"
+if "numba" in sys.modules:  # imported before us: its config is already read
+    import numba
+    if not _USER_LAYER:
+        numba.config.THREADING_LAYER = "tbb"
+
+import numba  # noqa: E402
+
+# batches with fewer rows run every pass on one thread
+PARALLEL_MIN_ROWS = 128
+
+_budget = numba.config.NUMBA_NUM_THREADS
+_budget_lock = threading.Lock()
+_blas_set_local = None
+
+
+def _find_blas_local():
+    """SciPy's OpenBLAS per-thread thread-count setter, if this build has it."""
+    import scipy  # noqa: F401  (loads the OpenBLAS that numba's np.dot uses)
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs",
+                                  "libscipy_openblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+            fn = lib.openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        return fn
+    return None
+
+
+_blas_set_local = _find_blas_local()
+
+
+def set_thread_budget(n: int) -> None:
+    """Threads one kernel call may use (Numba loops and BLAS alike), at most
+    ``NUMBA_NUM_THREADS``. Applies to calls made after it, from any thread."""
+    global _budget
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"thread budget must be a positive integer, got {n!r}")
+    with _budget_lock:
+        _budget = min(n, numba.config.NUMBA_NUM_THREADS)
+
+
+def thread_budget() -> int:
+    return _budget
+
+
+def threads_for(rows: int) -> int:
+    """Threads a call on a batch of ``rows`` rows uses."""
+    return 1 if rows < PARALLEL_MIN_ROWS else _budget
+
+
+def use_threads(rows: int) -> int:
+    """Set the calling thread's Numba and OpenBLAS thread counts for a batch
+    of ``rows``; returns the count."""
+    k = threads_for(rows)
+    numba.set_num_threads(k)
+    if _blas_set_local is not None:
+        _blas_set_local(k)
+    return k
+
+
+def thread_config() -> dict:
+    """What the kernels run with, for logs and benchmark headers."""
+    return {
+        "threading_layer": _layer_name(),
+        "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
+        "budget": _budget,
+        "parallel_min_rows": PARALLEL_MIN_ROWS,
+        "blas_per_thread_control": _blas_set_local is not None,
+        "tbb_preloaded": _tbb_loaded,
+    }
+
+
+def _layer_name() -> str:
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel function has run yet
+        return "(not started)"
+
+
+def check_threading_layer() -> str:
+    """After at least one parallel kernel ran: the layer in use, or a
+    RuntimeError when it is not thread-safe for concurrent callers (tbb, or
+    omp when the user asked for it)."""
+    layer = numba.threading_layer()
+    allowed = {"tbb"}
+    if _USER_LAYER in ("omp", "safe", "threadsafe"):
+        allowed.add("omp")
+    if layer not in allowed:
+        raise RuntimeError(
+            f"numba threading layer is {layer!r}, which is not safe for concurrent model calls "
+            f"(NUMBA_THREADING_LAYER={os.environ.get('NUMBA_THREADING_LAYER')!r}); install the 'tbb' "
+            f"wheel (libtbb.so.12 expected at {_TBB_PATH}) or set NUMBA_THREADING_LAYER=omp")
+    return layer

@@ -1,0 +1,34 @@
+"""warm_up: compile (or load from Numba's cache) every CPU kernel signature
+before serving, and check the threading layer."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import runtime
+from .model import Model
+from .spec import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec
+
+
+def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
+    """Run a tiny model through every kernel signature the CPU backend uses
+    (per dtype: int labels and float targets, inference, each optimizer
+    pass, small and parallel batch sizes). Returns (seconds taken, threading
+    layer); raises RuntimeError when the layer is not thread-safe."""
+    t0 = time.perf_counter()
+    for dtype in dtypes:
+        clf = Model(ModelSpec(
+            input_size=3, hidden=(LayerSpec(4, "relu", dropout=0.25),), output=OutputSpec(3, "softmax"),
+            optimizer=OptimizerSpec("adam"), regularization=RegularizationSpec(input_noise_std=0.1),
+            dtype=dtype))
+        reg = Model(ModelSpec(input_size=3, hidden=(LayerSpec(4, "tanh"),), output=OutputSpec(1),
+                              optimizer=OptimizerSpec("sgd", momentum=0.9), dtype=dtype))
+        for rows in (2, runtime.PARALLEL_MIN_ROWS):
+            X = np.linspace(-1, 1, rows * 3).reshape(rows, 3)
+            clf.train_step(X, np.arange(rows) % 3)
+            clf.train_step(X, np.full((rows, 3), 1 / 3))
+            clf.predict(X)
+            reg.train_step(X, X[:, :1])
+            reg.predict(X, logits=True)
+    return time.perf_counter() - t0, runtime.check_threading_layer()
