@@ -1,0 +1,141 @@
+"""Assembles and runs the server: store, registry, servicer, health,
+reflection; warm-up before SERVING; graceful shutdown on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+
+from .limits import Limits
+from .registry import Durability, ModelRegistry
+from .servicer import TrainerServicer
+from .store import SqliteStore
+
+log = logging.getLogger("gradserve.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name  # "gradserve.v1.Trainer"
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    store: str = "./gradserve.db"
+    durability: Durability = field(default_factory=Durability)
+    workers: int = 8
+    limits: Limits = field(default_factory=Limits)
+    default_device: str = "cpu"
+    grace_s: float = 10.0
+    warm_up: bool = True
+
+
+def warm_up_kernels() -> tuple[float, str]:
+    """Compiles (or loads from cache) every CPU kernel; refuses a threading
+    layer that aborts under concurrent callers."""
+    from nnkernels import warm_up
+    seconds, layer = warm_up()
+    if layer == "workqueue":
+        raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
+                           "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
+    return seconds, layer
+
+
+class GradServer:
+    """The running service. ``start()`` binds and returns the port (health
+    NOT_SERVING), then warms up and turns SERVING; ``stop()`` drains and
+    checkpoints."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.store: SqliteStore | None = None
+        self.registry: ModelRegistry | None = None
+        self.servicer: TrainerServicer | None = None
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> int:
+        cfg = self.config
+        t0 = time.perf_counter()
+        sync = "FULL" if cfg.durability.mode == "step" else "NORMAL"
+        self.store = SqliteStore(cfg.store, synchronous=sync)
+        self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
+                                      default_device=cfg.default_device)
+        self.servicer = TrainerServicer(self.registry)
+        # grpc's own cap sits above ours so the servicer can refuse oversize
+        # requests with a message naming --max-message-mb; beyond it grpc refuses.
+        cap = 2 * cfg.limits.max_message_bytes + 1024 * 1024
+        options = [("grpc.max_receive_message_length", min(cap, 2**31 - 1)),
+                   ("grpc.max_send_message_length", min(cap, 2**31 - 1)),
+                   ("grpc.so_reuseport", 0)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
+                                   options=options)
+        pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.port:
+            raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
+        self._server.start()
+        log.info("event=listening host=%s port=%d store=%s durability=%s workers=%d health=NOT_SERVING",
+                 cfg.host, self.port, cfg.store, cfg.durability.mode, cfg.workers)
+        if cfg.warm_up:
+            seconds, layer = warm_up_kernels()
+            log.info("event=kernels_warm seconds=%.2f threading_layer=%s", seconds, layer)
+        loaded = self.registry.load_stored()
+        self.registry.start_checkpointer()
+        self.servicer.ready.set()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("event=serving port=%d models=%d startup_seconds=%.2f", self.port, loaded, time.perf_counter() - t0)
+        return self.port
+
+    def stop(self) -> None:
+        """Stops accepting calls, lets in-flight calls finish (up to grace_s),
+        checkpoints every model and closes the store."""
+        log.info("event=shutting_down grace_s=%.1f", self.config.grace_s)
+        self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(self.config.grace_s).wait()
+        if self.servicer is not None:
+            self.servicer.ready.clear()
+        if self.registry is not None:
+            written = self.registry.close()
+            log.info("event=checkpointed models=%d", written)
+        if self.store is not None:
+            self.store.close()
+        log.info("event=stopped")
+
+
+def serve(config: ServerConfig) -> int:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; returns the exit code."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    server = GradServer(config)
+    try:
+        server.start()
+    except Exception:
+        log.exception("event=start_failed")
+        server.stop()
+        return 1
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0

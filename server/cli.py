@@ -1,0 +1,74 @@
+"""``gradserve serve``: every setting is a flag with an environment-variable
+twin (``--max-message-mb`` <-> ``GRADSERVE_MAX_MESSAGE_MB``); a flag given on
+the command line wins over its variable."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .limits import Limits
+from .registry import Durability
+
+# (flag, type, default, help)
+SERVE_FLAGS = [
+    ("host", str, "127.0.0.1", "address to listen on"),
+    ("port", int, 50051, "port (0: any free port; the log line event=serving names it)"),
+    ("store", str, "./gradserve.db", "SQLite file holding every model"),
+    ("durability", str, "step", "step: commit every acknowledged step before replying; "
+                                "interval: every --checkpoint-steps steps or --checkpoint-seconds, and at shutdown"),
+    ("checkpoint-steps", int, 100, "interval durability: commit a model after this many steps"),
+    ("checkpoint-seconds", float, 30.0, "interval durability: commit a changed model after this many seconds"),
+    ("workers", int, 8, "gRPC worker threads"),
+    ("max-message-mb", float, Limits.max_message_mb, "largest request or reply, MiB"),
+    ("max-models", int, Limits.max_models, "models per server"),
+    ("max-params", int, Limits.max_params, "parameters per model"),
+    ("max-batch-rows", int, Limits.max_batch_rows, "rows per batch (train, gradients, predict)"),
+    ("max-layers", int, Limits.max_layers, "dense layers per model (hidden + output)"),
+    ("default-device", str, "cpu", "device for specs that name none (cpu, cuda)"),
+    ("grace-s", float, 10.0, "seconds in-flight calls get to finish at shutdown"),
+    ("log-level", str, "info", "debug, info, warning, error"),
+    ("log-format", str, "kv", "kv (key=value) or json"),
+]
+
+
+def env_name(flag: str) -> str:
+    return "GRADSERVE_" + flag.upper().replace("-", "_")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradserve", description="gradserve: MLP training as a gRPC service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server",
+                           description="Run the gRPC server. Each flag has an environment twin GRADSERVE_<FLAG>.")
+    for flag, typ, default, help_ in SERVE_FLAGS:
+        env = env_name(flag)
+        value = os.environ.get(env)
+        serve.add_argument(f"--{flag}", type=typ, default=typ(value) if value is not None else default,
+                           help=f"{help_} [env {env}; default {default}]")
+    return parser
+
+
+def config_from_args(args):
+    from .app import ServerConfig
+    if args.durability not in ("step", "interval"):
+        raise SystemExit(f"gradserve: --durability must be step or interval, not {args.durability!r}")
+    return ServerConfig(
+        host=args.host, port=args.port, store=args.store,
+        durability=Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds),
+        workers=args.workers,
+        limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
+                      max_message_mb=args.max_message_mb, max_layers=args.max_layers),
+        default_device=args.default_device, grace_s=args.grace_s)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import logs
+    logs.configure(args.log_level, args.log_format)
+    from .app import serve
+    return serve(config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
