@@ -118,7 +118,7 @@ class EchoHandler(grpc.GenericRpcHandler):
         service, _, method = handler_call_details.method.lstrip("/").partition("/")
         if self.methods is None:
             return grpc.unary_unary_rpc_method_handler(_echo)
-        if service != SERVICE or method not in self.methods:
+        if service != SERVICE or method not in self.methods:  # health, or UNIMPLEMENTED
             return None  # UNIMPLEMENTED
         return grpc.unary_unary_rpc_method_handler(self.methods[method])
 
@@ -129,6 +129,9 @@ def serve(host: str, port: int, workers: int, raw: bool, layers: list[int]) -> t
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((EchoHandler(raw, layers),))
+    if not raw:  # so the same readiness check serves both servers
+        from grpc_health.v1 import health, health_pb2_grpc
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
     return server, bound

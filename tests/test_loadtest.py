@@ -32,22 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Polls ListModels until the server answers (bounded in time)."""
+def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Polls the standard health service until the server reports SERVING
+    (it turns SERVING once its kernels are compiled); bounded in time."""
+    from grpc_health.v1 import health_pb2
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as ch:
-        list_models = ch.unary_unary("/gradserve.v1.Trainer/ListModels",
-                                     request_serializer=pb.ListModelsRequest.SerializeToString,
-                                     response_deserializer=pb.ListModelsResponse.FromString)
+        check = ch.unary_unary("/grpc.health.v1.Health/Check",
+                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
+                raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
             try:
-                list_models(pb.ListModelsRequest(), timeout=2)
-                return
+                if check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
             except grpc.RpcError:
-                time.sleep(0.2)
-    raise TimeoutError(f"server at {target} not serving after {timeout}s")
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} not serving after {timeout}s")
 
 
 @pytest.fixture(scope="module")
