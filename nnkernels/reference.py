@@ -107,8 +107,9 @@ def hardswish(z, p=0.0):
 
 
 def hardswish_grad(z, a, p=0.0):
-    """0 if z < -3; z/3 + 1/2 if z <= 3; 1 above (torch's hardswish_backward)."""
-    return np.where(z < -3, 0, np.where(z <= 3, z / 3 + 0.5, 1)).astype(z.dtype)
+    """0 if z <= -3; z/3 + 1/2 if -3 < z < 3; 1 if z >= 3 (torch 2.x's
+    hardswish_backward, which also picks these values at the kinks)."""
+    return np.where(z <= -3, 0, np.where(z < 3, z / 3 + 0.5, 1)).astype(z.dtype)
 
 
 def gelu(z, p=0.0):
@@ -348,7 +349,9 @@ def scheduled_lr(schedule: ScheduleSpec, base_lr: float, t: int) -> float:
 
 # --------------------------------------------------------------------------
 # Optimizers: torch.optim's single-tensor (foreach=False, fused=False) math
-# on the flat buffers. ``t`` is the 1-based step number.
+# on the flat buffers. ``t`` is the 1-based step number. Products are written
+# in torch's evaluation order (addcmul: s + (c·a)·b; addcdiv: s + (c·a)/b) so
+# float64 trajectories agree to rounding.
 # --------------------------------------------------------------------------
 def state_names(opt: OptimizerSpec) -> tuple[str, ...]:
     """The optimizer state buffers, named as in torch.optim's state dicts."""
@@ -409,7 +412,7 @@ def adagrad_step(opt, p, g, state, lr, t):
     clr = lr / (1 + (t - 1) * opt.lr_decay)
     s = state["sum"]
     s += g * g
-    p -= clr * (g / (np.sqrt(s) + opt.eps))
+    p -= clr * g / (np.sqrt(s) + opt.eps)
 
 
 def rmsprop_step(opt, p, g, state, lr, t):
@@ -421,7 +424,7 @@ def rmsprop_step(opt, p, g, state, lr, t):
         g = g + opt.weight_decay * p
     v = state["square_avg"]
     v *= opt.alpha
-    v += (1 - opt.alpha) * (g * g)
+    v += (1 - opt.alpha) * g * g
     if opt.centered:
         ga = state["grad_avg"]
         ga[...] = lerp(ga, g, 1 - opt.alpha)
@@ -433,7 +436,7 @@ def rmsprop_step(opt, p, g, state, lr, t):
         b[...] = b * opt.momentum + g / avg
         p -= lr * b
     else:
-        p -= lr * (g / avg)
+        p -= lr * g / avg
 
 
 def adam_step(opt, p, g, state, lr, t):
@@ -449,14 +452,14 @@ def adam_step(opt, p, g, state, lr, t):
     m, v = state["exp_avg"], state["exp_avg_sq"]
     m[...] = lerp(m, g, 1 - opt.beta1)
     v *= opt.beta2
-    v += (1 - opt.beta2) * (g * g)
+    v += (1 - opt.beta2) * g * g
     if opt.amsgrad:
         vmax = state["max_exp_avg_sq"]
         np.maximum(vmax, v, out=vmax)
         v = vmax
     step_size = lr / (1 - opt.beta1 ** t)
     bc2_sqrt = math.sqrt(1 - opt.beta2 ** t)
-    p -= step_size * (m / (np.sqrt(v) / bc2_sqrt + opt.eps))
+    p -= step_size * m / (np.sqrt(v) / bc2_sqrt + opt.eps)
 
 
 def train_step(spec: ModelSpec, params, state, X, y, step: int):

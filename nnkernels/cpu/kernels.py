@@ -98,9 +98,9 @@ def _act_grad(code, z, a, p):
     if code == 6:
         return 1.0 - a * a
     if code == 7:
-        if z < -3.0:
+        if z <= -3.0:
             return 0.0
-        if z <= 3.0:
+        if z < 3.0:
             return z / 3.0 + 0.5
         return 1.0
     if code == 8:
@@ -464,7 +464,7 @@ def optimizer_kernel(code, p, g, s1, s2, s3, c, t):
                 d = d + wd * p[i]
             s = s1[i] + d * d
             s1[i] = s
-            p[i] = p[i] - clr * (d / (np.sqrt(s) + eps))
+            p[i] = p[i] - clr * d / (np.sqrt(s) + eps)
     elif code == 2:
         alpha = c[3]
         oma = c[4]
@@ -476,7 +476,7 @@ def optimizer_kernel(code, p, g, s1, s2, s3, c, t):
             d = g[i] * scale
             if wd != 0:
                 d = d + wd * p[i]
-            v = s1[i] * alpha + oma * (d * d)
+            v = s1[i] * alpha + oma * d * d
             s1[i] = v
             if centered:
                 ga = s3[i]
@@ -493,7 +493,7 @@ def optimizer_kernel(code, p, g, s1, s2, s3, c, t):
                 s2[i] = b
                 p[i] = p[i] - lr * b
             else:
-                p[i] = p[i] - lr * (d / avg)
+                p[i] = p[i] - lr * d / avg
     else:
         w1 = c[3]
         b2 = c[4]
@@ -518,13 +518,13 @@ def optimizer_kernel(code, p, g, s1, s2, s3, c, t):
             else:
                 m = d - (d - m) * omw1
             s1[i] = m
-            v = s2[i] * b2 + omb2 * (d * d)
+            v = s2[i] * b2 + omb2 * d * d
             s2[i] = v
             if ams:
                 vm = max(s3[i], v)
                 s3[i] = vm
                 v = vm
-            p[i] = x - step_size * (m / (np.sqrt(v) / bc2s + eps))
+            p[i] = x - step_size * m / (np.sqrt(v) / bc2s + eps)
 
 
 @njit(**_JIT)
