@@ -50,8 +50,9 @@ class StoredModel:
 
 def _blob(array: np.ndarray) -> tuple[str, str, bytes]:
     a = np.asarray(array)
+    shape = list(a.shape)  # taken first: ascontiguousarray makes a 0-d array 1-d
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    return a.dtype.str, json.dumps(list(a.shape)), a.tobytes()
+    return a.dtype.str, json.dumps(shape), a.tobytes()
 
 
 class SqliteStore:
@@ -107,6 +108,6 @@ class SqliteStore:
                 raise KeyError(model_id)
             arrays = self._db.execute("SELECT name, dtype, shape, data FROM arrays WHERE model_id = ?",
                                       (model_id,)).fetchall()
-        state = {name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
+        state = {name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(json.loads(shape))).copy()
                  for name, dtype, shape, data in arrays}
         return StoredModel(model_id, json.loads(row[0]), row[1], row[2], state)

@@ -1,0 +1,118 @@
+"""Server parts without a server: store, lock, registry, servicer (with a
+stand-in context), CLI flags and their environment twins."""
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.specmsg import spec_to_message
+from gradserve.tensor import encode_tensor
+from gradserve.v1 import trainer_pb2 as pb
+from server.cli import build_parser, config_from_args
+from server.limits import Limits
+from server.registry import Durability, ModelRegistry
+from server.rwlock import ReadWriteLock
+from server.servicer import TrainerServicer
+from server.store import SqliteStore
+
+SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """Enough of grpc.ServicerContext for the servicer: abort raises."""
+
+    def abort(self, code, details):
+        self.code, self.details = code, details
+        raise Aborted(code, details)
+
+
+@pytest.fixture
+def servicer(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    s = TrainerServicer(ModelRegistry(store, limits=Limits(max_models=2), durability=Durability("step")))
+    s.ready.set()
+    yield s
+    store.close()
+
+
+def create(servicer, model_id=""):
+    req = pb.CreateModelRequest(model_id=model_id)
+    spec_to_message(SPEC, req.spec)
+    return servicer.CreateModel(req, FakeContext())
+
+
+def test_store_round_trips_state_including_zero_d_arrays(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    state = {"params": np.arange(5, dtype=np.float32), "step": np.array(7, dtype=np.int64)}
+    store.save("m", {"x": 1}, 1.5, state)
+    got = store.load("m")
+    assert got.step == 7 and got.spec == {"x": 1} and got.created == 1.5
+    assert got.state["step"].shape == () and int(got.state["step"]) == 7
+    np.testing.assert_array_equal(got.state["params"], state["params"])
+    store.delete("m")
+    assert store.model_ids() == []
+    store.close()
+
+
+def test_rwlock_lets_readers_share_and_writers_exclude():
+    lock = ReadWriteLock()
+    inside = []
+    with lock.read(), lock.read():  # two readers at once
+        pass
+
+    def writer():
+        with lock.write():
+            inside.append("w")
+
+    with lock.read():
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.05)
+        assert inside == []  # the writer waits for the reader
+    t.join(5)
+    assert inside == ["w"]
+
+
+def test_servicer_creates_trains_and_predicts_without_a_server(servicer):
+    info = create(servicer)
+    X = np.ones((2, 3), np.float32)
+    req = pb.TrainStepRequest(model_id=info.model_id, inputs=encode_tensor(X), targets=encode_tensor(np.array([0, 1])))
+    assert servicer.TrainStep(req, FakeContext()).step == 1
+    out = servicer.Predict(pb.PredictRequest(model_id=info.model_id, inputs=encode_tensor(X)), FakeContext())
+    assert list(out.outputs.shape) == [2, 2]
+
+
+def test_models_beyond_the_limit_are_resource_exhausted(servicer):
+    create(servicer)
+    create(servicer)
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        req = pb.CreateModelRequest()
+        spec_to_message(SPEC, req.spec)
+        servicer.CreateModel(req, ctx)
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_models=2" in ctx.details
+
+
+def test_calls_before_ready_are_unavailable(servicer):
+    servicer.ready.clear()
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        servicer.ListModels(pb.ListModelsRequest(), ctx)
+    assert ctx.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_every_flag_has_an_environment_twin(monkeypatch):
+    monkeypatch.setenv("GRADSERVE_PORT", "6000")
+    monkeypatch.setenv("GRADSERVE_DURABILITY", "interval")
+    monkeypatch.setenv("GRADSERVE_MAX_MESSAGE_MB", "16")
+    cfg = config_from_args(build_parser().parse_args(["serve", "--max-models", "3"]))
+    assert cfg.port == 6000 and cfg.durability.mode == "interval"
+    assert cfg.limits.max_message_mb == 16 and cfg.limits.max_models == 3
+    cfg = config_from_args(build_parser().parse_args(["serve", "--port", "7000"]))
+    assert cfg.port == 7000  # the flag wins over the variable
