@@ -176,11 +176,13 @@ class RemoteModel:
             for epoch in range(epochs):
                 index = _wire.batches(len(X), batch_size, shuffle, rng)
                 acc = _wire.EpochAccumulator()
-                stream = self.train_stream(((_wire.take(X, i), _wire.take(y, i)) for i in index), timeout=timeout)
-                for rows, result in zip((len(i) for i in index), stream):
-                    acc.add(result, rows)
+                rows = iter([len(i) for i in index])
+                # consume the stream to its end (stopping early would cancel the call)
+                for result in self.train_stream(((_wire.take(X, i), _wire.take(y, i)) for i in index),
+                                                timeout=timeout):
+                    acc.add(result, next(rows))
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4g}", refresh=False)
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{result.loss:.4g}")
                 metrics = acc.summary()
                 if validation_data is not None:
                     Xv, yv = validation_data

@@ -106,6 +106,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             for request in request_iterator:
                 self._check(request, context)
                 yield self._step(request)
+        except grpc.RpcError:  # the client cancelled or went away: nothing to answer
+            log.debug("event=stream_cancelled method=TrainStream")
         except Exception as exc:
             self._fail(context, exc, "TrainStream")
 
