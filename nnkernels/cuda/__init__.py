@@ -22,6 +22,45 @@ else:
     SIMULATOR = bool(getattr(_numba_config, "ENABLE_CUDASIM", False))
 
 
+def _fix_simulator_shared_arrays() -> None:
+    """numba-cuda 0.30's simulator allocates a block's ``cuda.shared.array``
+    on the first thread that reaches the line, with an unlocked
+    check-then-insert: two simulated threads arriving together each get
+    their own array, and the block silently computes garbage (seen: tiled
+    products wrong in random rows). Same semantics (one array per source
+    line per launch), allocated under a lock; it also keys on the caller's
+    frame instead of formatting the whole stack on every call."""
+    import sys
+    import threading
+
+    import numpy as np
+    from numba.core import types
+    from numba.np import numpy_support
+    from numba.cuda.simulator import kernelapi
+
+    lock = threading.Lock()
+    original = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        frame = sys._getframe(1)
+        key = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _fix_simulator_shared_arrays()
+
+
 def is_available() -> bool:
     """True when numba-cuda imports and a CUDA GPU (or the simulator) is
     usable in this process."""

@@ -149,6 +149,13 @@ def build_sources(dtype: str, tile: int, threads: int):
         return ZERO  # step: zero derivative everywhere
 
     @cuda.jit(device=True)
+    def lerp(start, end, w):
+        # torch.lerp's two-sided form (what torch.optim's exp_avg / grad_avg use)
+        if w < HALF:
+            return start + w * (end - start)
+        return end - (end - start) * (ONE - w)
+
+    @cuda.jit(device=True)
     def dropout_factor(key, index, p, scale):
         # inverted dropout: a unit is kept when its uniform draw is >= p
         if uniform01(key, index) >= p:
@@ -248,15 +255,16 @@ def build_sources(dtype: str, tile: int, threads: int):
                 dW[i, c] = acc
 
     def bias_grad(dZ, db, n, m):
-        """db[c] = Σ_r dZ[r, c]: one thread per column (grid-stride),
-        consecutive threads read consecutive columns of a row."""
+        """db[c] = Σ_r dZ[r, c], accumulated in float64 (as the reference):
+        one thread per column (grid-stride), consecutive threads read
+        consecutive columns of a row."""
         start = cuda.grid(1)
         stride = cuda.gridsize(1)
         for c in range(start, m, stride):
-            acc = ZERO
+            acc = 0.0
             for r in range(n):
-                acc += dZ[r, c]
-            db[c] = acc
+                acc += f64(dZ[r, c])
+            db[c] = T(acc)
 
     # ---- elementwise ------------------------------------------------------
     def add_noise(X, Xn, n, k, std, key):
@@ -296,7 +304,7 @@ def build_sources(dtype: str, tile: int, threads: int):
     def loss_dense(Z, Y, dZ, rowloss, rowcorrect, n, m, kind, smoothing, gscale):
         """One thread per row. kind 0: MSE (Σ (z-y)², grad 2(z-y)·gscale);
         1: BCE with logits (max(z,0) - z·y + log1p(exp(-|z|)), grad
-        (σ(z) - y)·gscale; a row is correct when every unit's (z > 0) equals
+        (σ(z) - y)·gscale; correct counts the elements where (z > 0) equals
         (y > 0.5)); 2: softmax cross entropy against probability targets
         with label smoothing q' = (1-ε)·y + ε/m (-Σ q'·log_softmax(z), grad
         (Σq'·p - q')·gscale; correct when argmax z == argmax y). gscale is
@@ -312,7 +320,6 @@ def build_sources(dtype: str, tile: int, threads: int):
                     total += f64(d) * f64(d)
                     dZ[r, c] = T(2.0 * f64(d) * gscale)
             elif kind == 1:
-                ok = True
                 for c in range(m):
                     z = f64(Z[r, c])
                     y = f64(Y[r, c])
@@ -323,9 +330,8 @@ def build_sources(dtype: str, tile: int, threads: int):
                         e = math.exp(z)
                         s = e / (1.0 + e)
                     dZ[r, c] = T((s - y) * gscale)
-                    if (z > 0.0) != (y > 0.5):
-                        ok = False
-                correct = 1.0 if ok else 0.0
+                    if (z > 0.0) == (y > 0.5):
+                        correct += 1.0
             else:
                 mx = f64(Z[r, 0])
                 amax = 0
@@ -452,7 +458,7 @@ def build_sources(dtype: str, tile: int, threads: int):
             out[slot] = sh[0]
 
     # ---- fused optimizers over the flat buffers (torch.optim formulas) -----
-    def sgd_step(p, g, buf, size, lr, momentum, dampening, nesterov, wd, gs, first):
+    def sgd_step(p, g, buf, size, lr, momentum, one_m_dampening, nesterov, wd, gs, first):
         """torch.optim.SGD: d = g·gs + wd·p; with momentum, buf = d on the
         first step, else momentum·buf + (1-dampening)·d; nesterov d += momentum·buf,
         else d = buf; p -= lr·d."""
@@ -464,7 +470,7 @@ def build_sources(dtype: str, tile: int, threads: int):
                 if first != 0:
                     bv = d
                 else:
-                    bv = momentum * buf[i] + (ONE - dampening) * d
+                    bv = buf[i] * momentum + one_m_dampening * d
                 buf[i] = bv
                 if nesterov != 0:
                     d = d + momentum * bv
@@ -483,34 +489,34 @@ def build_sources(dtype: str, tile: int, threads: int):
             acc_sum[i] = s
             p[i] = p[i] - clr * (d / (math.sqrt(s) + eps))
 
-    def rmsprop_step(p, g, sq, mom, gavg, size, lr, alpha, eps, momentum, centered, wd, gs):
+    def rmsprop_step(p, g, sq, mom, gavg, size, lr, alpha, one_m_alpha, eps, momentum, centered, wd, gs):
         """torch.optim.RMSprop: d = g·gs + wd·p; sq = α·sq + (1-α)·d²;
-        centered: gavg = α·gavg + (1-α)·d, avg = sqrt(sq - gavg²) + eps, else
+        centered: gavg = lerp(gavg, d, 1-α), avg = sqrt(sq - gavg²) + eps, else
         sqrt(sq) + eps; momentum: buf = momentum·buf + d/avg, p -= lr·buf;
         else p -= lr·d/avg."""
         for i in range(cuda.grid(1), size, cuda.gridsize(1)):
             d = g[i] * gs
             if wd != ZERO:
                 d = d + wd * p[i]
-            s = alpha * sq[i] + (ONE - alpha) * d * d
+            s = sq[i] * alpha + one_m_alpha * (d * d)
             sq[i] = s
             if centered != 0:
-                ga = alpha * gavg[i] + (ONE - alpha) * d
+                ga = lerp(gavg[i], d, one_m_alpha)
                 gavg[i] = ga
                 avg = math.sqrt(s - ga * ga) + eps
             else:
                 avg = math.sqrt(s) + eps
             if momentum != ZERO:
-                bv = momentum * mom[i] + d / avg
+                bv = mom[i] * momentum + d / avg
                 mom[i] = bv
                 p[i] = p[i] - lr * bv
             else:
                 p[i] = p[i] - lr * (d / avg)
 
-    def adam_step(p, g, m1, m2, vmax, size, lr, beta1, beta2, eps, wd, decoupled, amsgrad,
-                  step_size, bc2_sqrt, gs):
+    def adam_step(p, g, m1, m2, vmax, size, lr, one_m_beta1, beta2, one_m_beta2, eps, wd, decoupled,
+                  amsgrad, step_size, bc2_sqrt, gs):
         """torch.optim.Adam / AdamW: d = g·gs; AdamW (decoupled) p *= 1 - lr·wd,
-        Adam d += wd·p; m = β1·m + (1-β1)·d; v = β2·v + (1-β2)·d²;
+        Adam d += wd·p; m = lerp(m, d, 1-β1); v = β2·v + (1-β2)·d²;
         amsgrad: vmax = max(vmax, v) and v̂ = vmax; denom = sqrt(v̂)/sqrt(1-β2^t) + eps;
         p -= (lr/(1-β1^t))·m/denom."""
         for i in range(cuda.grid(1), size, cuda.gridsize(1)):
@@ -521,9 +527,9 @@ def build_sources(dtype: str, tile: int, threads: int):
                     pv = pv * (ONE - lr * wd)
                 else:
                     d = d + wd * pv
-            a = beta1 * m1[i] + (ONE - beta1) * d
+            a = lerp(m1[i], d, one_m_beta1)
             m1[i] = a
-            v = beta2 * m2[i] + (ONE - beta2) * d * d
+            v = m2[i] * beta2 + one_m_beta2 * (d * d)
             m2[i] = v
             if amsgrad != 0:
                 if vmax[i] > v:
@@ -546,8 +552,8 @@ def build_sources(dtype: str, tile: int, threads: int):
         "sum_to_slot": (sum_to_slot, (F1, i64, F1, i64)),
         "sgd_step": (sgd_step, (A1, A1, A1, i64, T, T, T, i64, T, T, i64)),
         "adagrad_step": (adagrad_step, (A1, A1, A1, i64, T, T, T, T)),
-        "rmsprop_step": (rmsprop_step, (A1, A1, A1, A1, A1, i64, T, T, T, T, i64, T, T)),
-        "adam_step": (adam_step, (A1, A1, A1, A1, A1, i64, T, T, T, T, T, i64, i64, T, T, T)),
+        "rmsprop_step": (rmsprop_step, (A1, A1, A1, A1, A1, i64, T, T, T, T, T, i64, T, T)),
+        "adam_step": (adam_step, (A1, A1, A1, A1, A1, i64, T, T, T, T, T, T, i64, i64, T, T, T)),
     }
     return {name: (fn, types.void(*sig)) for name, (fn, sig) in sources.items()}
 

@@ -1,0 +1,317 @@
+"""CudaBackend: one model's parameters, gradients and optimizer state resident
+on the GPU between calls.
+
+Only batches go to the device and only results come back: a training call
+copies X (and y) in, runs every kernel on the backend's stream, and copies
+back one small float64 vector (loss sum, correct count, squared gradient
+norm) — one synchronization per call, not one per layer. Parameters and
+optimizer state cross the bus only through get/set (checkpoints, weight
+import/export), as flat host arrays in ``nnkernels.params``'s layout, so a
+state_dict is device-neutral: a model trained here loads on the CPU backend
+and vice versa.
+
+Concurrency: training calls (``loss_and_grads``, ``step``, ``set_*``) are
+serialized by the caller (the model's lock) and run on the training stream.
+``forward`` may be called from several threads at once while no training
+call runs: each call borrows an inference context (its own CUDA stream and
+workspaces) from a pool, so concurrent predictions neither share buffers nor
+serialize on the legacy default stream.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from .. import rng
+from ..backend import Backend
+from ..spec import ModelSpec
+from . import numba_cuda as cuda
+from .kernels import ACTIVATION_CODES, LOSS_CE, LOSS_CODES, OUTPUT_CODES, kernels_for
+
+def state_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The optimizer state buffers this spec keeps (torch keeps a buffer only
+    when its feature is on: SGD momentum, RMSprop momentum/centered, amsgrad)."""
+    o = spec.optimizer
+    if o.name == "sgd":
+        return ("momentum_buffer",) if o.momentum != 0 else ()
+    if o.name == "adagrad":
+        return ("sum",)
+    if o.name == "rmsprop":
+        return ("square_avg",) + (("momentum_buffer",) if o.momentum > 0 else ()) \
+            + (("grad_avg",) if o.centered else ())
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if o.amsgrad else ())
+
+
+class _Context:
+    """A CUDA stream and the workspaces of calls on it, grown to the largest
+    batch seen (views of the first n rows are used; no allocation per call in
+    steady state)."""
+
+    def __init__(self, sizes, dtype, training: bool):
+        self.stream = cuda.stream()
+        self.sizes = sizes
+        self.dtype = dtype
+        self.training = training
+        self.capacity = 0
+        self.result = np.zeros(4, np.float64)  # host landing spot for scalars
+
+    def ensure(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity)
+        s, dt, st = self.sizes, self.dtype, self.stream
+        L = len(s) - 1
+
+        def arr(*shape, dtype=dt):
+            return cuda.device_array(shape, dtype=dtype, stream=st)
+
+        self.X = arr(cap, s[0])
+        # A[i]: input of layer i (A[0] = X or the noisy X); Z[i]: its pre-activation
+        self.A = [None] + [arr(cap, s[i]) for i in range(1, L)]
+        self.Z = [arr(cap, s[i + 1]) for i in range(L)]
+        self.out = arr(cap, s[-1])
+        if self.training:
+            self.Xn = arr(cap, s[0])
+            self.dZ = [arr(cap, s[i + 1]) for i in range(L)]
+            self.Y = arr(cap, s[-1])
+            self.labels = arr(cap, dtype=np.int64)
+            self.rowloss = arr(cap, dtype=np.float64)
+            self.rowcorrect = arr(cap, dtype=np.float64)
+        self.capacity = cap
+
+
+class CudaBackend(Backend):
+    """Backend on the CUDA device (or the simulator)."""
+
+    def __init__(self, spec: ModelSpec, params: np.ndarray):
+        super().__init__(spec, params)
+        self.dtype = np.dtype(spec.dtype)
+        self._T = self.dtype.type
+        self.k = kernels_for(spec.dtype)
+        self.sizes = spec.layer_sizes
+        self.L = len(self.sizes) - 1
+        self.num_params = spec.num_params
+        self._offsets = []
+        off = 0
+        for i in range(self.L):
+            fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
+            self._offsets.append((off, off + fan_out * fan_in, fan_in, fan_out))
+            off += fan_out * fan_in + fan_out
+        assert off == self.num_params
+        self._acts = [ACTIVATION_CODES[l.activation] for l in spec.hidden]
+        self._p1 = [self._T(l.negative_slope if l.activation == "leaky_relu" else l.alpha) for l in spec.hidden]
+        self._drop = [float(l.dropout) for l in spec.hidden]
+        self._drop_scale = [self._T(1.0 / (1.0 - p)) for p in self._drop]
+        self._loss = LOSS_CODES[spec.loss.name]
+        self._out_kind = OUTPUT_CODES[spec.output.kind]
+
+        self._train = _Context(self.sizes, self.dtype, training=True)
+        self._pool: list[_Context] = []
+        self._pool_lock = threading.Lock()
+        s = self._train.stream
+        self.d_params = cuda.to_device(self._check_flat(params, "params"), stream=s)
+        self.d_grads = cuda.to_device(np.zeros(self.num_params, self.dtype), stream=s)
+        self.d_scalars = cuda.to_device(np.zeros(4, np.float64), stream=s)
+        self.d_partial = cuda.device_array(self.k.red_blocks, np.float64, stream=s)
+        self.d_dummy = cuda.to_device(np.zeros(1, self.dtype), stream=s)
+        self._W = [self.d_params[a:b].reshape(m, k) for a, b, k, m in self._offsets]
+        self._b = [self.d_params[b:b + m] for a, b, k, m in self._offsets]
+        self._dW = [self.d_grads[a:b].reshape(m, k) for a, b, k, m in self._offsets]
+        self._db = [self.d_grads[b:b + m] for a, b, k, m in self._offsets]
+        self._state_names = state_names(spec)
+        init = spec.optimizer.initial_accumulator_value if spec.optimizer.name == "adagrad" else 0.0
+        self.d_state = {name: cuda.to_device(np.full(self.num_params, init if name == "sum" else 0.0, self.dtype),
+                                             stream=s)
+                        for name in self._state_names}
+        s.synchronize()
+
+    # -- helpers -----------------------------------------------------------
+    def _check_flat(self, arr: np.ndarray, what: str) -> np.ndarray:
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if arr.shape != (self.num_params,):
+            raise ValueError(f"{what}: expected shape ({self.num_params},), got {arr.shape}")
+        return arr
+
+    def _acquire(self) -> _Context:
+        with self._pool_lock:
+            if self._pool:
+                return self._pool.pop()
+        return _Context(self.sizes, self.dtype, training=False)
+
+    def _release(self, ctx: _Context) -> None:
+        with self._pool_lock:
+            self._pool.append(ctx)
+
+    def _linear_forward(self, ctx, i, A_in, n, *, Z, Out, train, key=0):
+        k = self.k
+        a, b, fan_in, fan_out = self._offsets[i]
+        hidden = i < self.L - 1
+        act = self._acts[i] if hidden else 0
+        p1 = self._p1[i] if hidden else self._T(0.0)
+        drop = self._drop[i] if (hidden and train) else 0.0
+        scale = self._drop_scale[i] if hidden else self._T(1.0)
+        k.linear_forward[k.grid_tiles(n, fan_out), (k.tile, k.tile), ctx.stream](
+            A_in, self._W[i], self._b[i], Z, Out, n, fan_in, fan_out, act, p1,
+            np.uint64(key), drop, scale, 1 if (train and hidden) else 0)
+
+    # -- Backend -----------------------------------------------------------
+    def forward(self, X: np.ndarray, logits: bool = False) -> np.ndarray:
+        n = X.shape[0]
+        ctx = self._acquire()
+        try:
+            ctx.ensure(n)
+            s = ctx.stream
+            Xd = ctx.X[:n]
+            Xd.copy_to_device(np.ascontiguousarray(X, dtype=self.dtype), stream=s)
+            A = Xd
+            for i in range(self.L):
+                Z = ctx.Z[i][:n]
+                Out = ctx.A[i + 1][:n] if i < self.L - 1 else Z
+                self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, train=False)
+                A = Out
+            m = self.sizes[-1]
+            res = A
+            if not logits and self._out_kind != OUTPUT_CODES["identity"]:
+                res = ctx.out[:n]
+                self.k.output_activation[self.k.grid_1d(n), self.k.threads, s](A, res, n, m, self._out_kind)
+            host = res.copy_to_host(stream=s)
+            s.synchronize()
+            return host
+        finally:
+            self._release(ctx)
+
+    def loss_and_grads(self, X: np.ndarray, y: np.ndarray, step: int) -> tuple[float, int, float]:
+        k, ctx, spec = self.k, self._train, self.spec
+        n = X.shape[0]
+        ctx.ensure(n)
+        s = ctx.stream
+        T = self._T
+        m_out = self.sizes[-1]
+        Xd = ctx.X[:n]
+        Xd.copy_to_device(np.ascontiguousarray(X, dtype=self.dtype), stream=s)
+        labels = y.ndim == 1
+        if labels:
+            Yd = ctx.labels[:n]
+            Yd.copy_to_device(np.ascontiguousarray(y, dtype=np.int64), stream=s)
+        else:
+            Yd = ctx.Y[:n]
+            Yd.copy_to_device(np.ascontiguousarray(y, dtype=self.dtype), stream=s)
+
+        A0 = Xd
+        std = float(spec.regularization.input_noise_std)
+        if std > 0.0:
+            A0 = ctx.Xn[:n]
+            key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
+            k.add_noise[k.grid_1d(n * self.sizes[0]), k.threads, s](Xd, A0, n, self.sizes[0], std, np.uint64(key))
+        inputs = [A0]
+        keys = [rng.stream_key(spec.seed, step, rng.dropout_stream(i)) if self._drop[i] > 0 else 0
+                for i in range(self.L - 1)]
+        A = A0
+        for i in range(self.L):
+            Z = ctx.Z[i][:n]
+            Out = ctx.A[i + 1][:n] if i < self.L - 1 else Z
+            self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, train=True, key=keys[i] if i < self.L - 1 else 0)
+            A = Out
+            inputs.append(A)
+
+        # fused output activation + loss: per-row float64 values and dZ of the output layer
+        Zo = ctx.Z[-1][:n]
+        dZo = ctx.dZ[-1][:n]
+        ls = float(spec.loss.label_smoothing)
+        if self._loss == LOSS_CE:
+            denom = n
+        else:
+            denom = n * m_out
+        gscale = 1.0 / denom
+        rl, rc = ctx.rowloss[:n], ctx.rowcorrect[:n]
+        if labels:
+            k.loss_labels[k.grid_1d(n), k.threads, s](Zo, Yd, dZo, rl, rc, n, m_out, ls, gscale)
+        else:
+            k.loss_dense[k.grid_1d(n), k.threads, s](Zo, Yd, dZo, rl, rc, n, m_out, self._loss, ls, gscale)
+        k.reduce_rows[1, k.threads, s](rl, rc, n, self.d_scalars)
+
+        # backward, last layer first
+        for i in range(self.L - 1, -1, -1):
+            a, b, fan_in, fan_out = self._offsets[i]
+            dZ = ctx.dZ[i][:n]
+            k.linear_backward_weight[k.grid_tiles(fan_out, fan_in), (k.tile, k.tile), s](
+                dZ, inputs[i], self._dW[i], n, fan_out, fan_in)
+            k.bias_grad[k.grid_1d(fan_out), k.threads, s](dZ, self._db[i], n, fan_out)
+            if i > 0:
+                j = i - 1
+                k.linear_backward_input[k.grid_tiles(n, fan_in), (k.tile, k.tile), s](
+                    dZ, self._W[i], ctx.Z[j][:n], ctx.dZ[j][:n], n, fan_out, fan_in,
+                    self._acts[j], self._p1[j], np.uint64(keys[j]), self._drop[j], self._drop_scale[j])
+
+        self._sq_norm(s)
+        self.d_scalars.copy_to_host(ctx.result, stream=s)
+        s.synchronize()
+        loss_sum, correct, gsq = ctx.result[0], ctx.result[1], ctx.result[2]
+        return float(loss_sum / denom), int(round(correct)), float(gsq)
+
+    def _sq_norm(self, s) -> None:
+        k = self.k
+        blocks = min(k.red_blocks, k.grid_1d(self.num_params))
+        k.sq_norm_partial[blocks, k.threads, s](self.d_grads, self.num_params, self.d_partial)
+        k.sum_to_slot[1, k.threads, s](self.d_partial, blocks, self.d_scalars, 2)
+
+    def step(self, lr: float, t: int, grad_scale: float) -> None:
+        k, o, T = self.k, self.spec.optimizer, self._T
+        s = self._train.stream
+        P = self.num_params
+        grid = (k.grid_1d(P), k.threads, s)
+        p, g, st, dummy = self.d_params, self.d_grads, self.d_state, self.d_dummy
+        gs = T(grad_scale)
+        wd = T(o.weight_decay)
+        if o.name == "sgd":
+            buf = st.get("momentum_buffer", dummy)
+            # torch: momentum_buffer = d on the first step (t == 1), as the reference
+            k.sgd_step[grid](p, g, buf, P, T(lr), T(o.momentum), T(1.0 - o.dampening), int(o.nesterov), wd, gs,
+                             1 if t == 1 else 0)
+        elif o.name == "adagrad":
+            clr = lr / (1.0 + (t - 1) * o.lr_decay)
+            k.adagrad_step[grid](p, g, st["sum"], P, T(clr), wd, T(o.eps), gs)
+        elif o.name == "rmsprop":
+            k.rmsprop_step[grid](p, g, st["square_avg"], st.get("momentum_buffer", dummy), st.get("grad_avg", dummy),
+                                 P, T(lr), T(o.alpha), T(1.0 - o.alpha), T(o.eps), T(o.momentum), int(o.centered), wd, gs)
+        else:
+            bc1 = 1.0 - o.beta1 ** t
+            bc2 = 1.0 - o.beta2 ** t
+            k.adam_step[grid](p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", dummy), P,
+                              T(lr), T(1.0 - o.beta1), T(o.beta2), T(1.0 - o.beta2), T(o.eps), wd, int(o.name == "adamw"),
+                              int(o.amsgrad), T(lr / bc1), T(math.sqrt(bc2)), gs)
+        s.synchronize()  # inference streams must see the new parameters
+
+    def get_params(self) -> np.ndarray:
+        s = self._train.stream
+        host = self.d_params.copy_to_host(stream=s)
+        s.synchronize()
+        return host
+
+    def set_params(self, params: np.ndarray) -> None:
+        s = self._train.stream
+        self.d_params.copy_to_device(self._check_flat(params, "params"), stream=s)
+        s.synchronize()
+
+    def get_grads(self) -> np.ndarray:
+        s = self._train.stream
+        host = self.d_grads.copy_to_host(stream=s)
+        s.synchronize()
+        return host
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        s = self._train.stream
+        out = {name: d.copy_to_host(stream=s) for name, d in self.d_state.items()}
+        s.synchronize()
+        return out
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        if set(state) != set(self._state_names):
+            raise ValueError(f"optimizer state: expected buffers {sorted(self._state_names)}, got {sorted(state)}")
+        arrays = {name: self._check_flat(v, f"state {name}") for name, v in state.items()}
+        s = self._train.stream
+        for name, v in arrays.items():
+            self.d_state[name].copy_to_device(v, stream=s)
+        s.synchronize()
