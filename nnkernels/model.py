@@ -50,7 +50,8 @@ def _real_array(value, field: str) -> np.ndarray:
 
 def _normalized(a: np.ndarray, dtype) -> np.ndarray:
     """C-contiguous, writable, of ``dtype``: copies only when needed."""
-    out = np.ascontiguousarray(a, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught as non-finite
+        out = np.ascontiguousarray(a, dtype=dtype)
     if not out.flags.writeable:
         out = out.copy()
     return out

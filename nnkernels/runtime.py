@@ -10,13 +10,17 @@ Imported by ``nnkernels/__init__.py`` before anything imports numba:
   threads run parallel kernels at once, so ``check_threading_layer`` refuses
   it after the first parallel call.
 - Thread budget: Numba's pool and OpenBLAS's pool spinning against each
-  other made a step 11× slower (NUMBA_NOTES.md). Each kernel call sets, for
-  the calling thread only, the Numba thread count
-  (``numba.set_num_threads``) and the OpenBLAS thread count
-  (``openblas_set_num_threads_local``) from the batch size: one thread for
-  both below ``PARALLEL_MIN_ROWS`` rows (measured faster there), else the
+  other made a step 11× slower (NUMBA_NOTES.md), and OpenBLAS's sgemm gives
+  different bits with different thread counts (seen: a concurrent run
+  diverged from a sequential one). So SciPy's OpenBLAS (the one Numba's
+  ``np.dot`` calls; NumPy's own copy is untouched) is set to ONE thread, and
+  the kernels parallelize the products themselves: fixed 64-row blocks, one
+  single-threaded BLAS call per block inside a prange. Results are then
+  bit-identical whatever the thread count or concurrency. Each call sets the
+  calling thread's Numba thread count (``numba.set_num_threads``): one
+  thread below ``PARALLEL_MIN_ROWS`` rows (measured faster there), else the
   budget. ``set_thread_budget(n)`` changes the budget (default: all of
-  Numba's threads); a server with W concurrent workers should pass about
+  Numba's threads); a server with W busy workers should pass about
   cores / W.
 """
 from __future__ import annotations
@@ -50,31 +54,34 @@ PARALLEL_MIN_ROWS = 128
 
 _budget = numba.config.NUMBA_NUM_THREADS
 _budget_lock = threading.Lock()
-_blas_set_local = None
 
 
-def _find_blas_local():
-    """SciPy's OpenBLAS per-thread thread-count setter, if this build has it."""
+def _single_threaded_blas() -> bool:
+    """Set SciPy's OpenBLAS to one thread, globally; True when done."""
     import scipy  # noqa: F401  (loads the OpenBLAS that numba's np.dot uses)
     libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)), "scipy.libs",
                                   "libscipy_openblas*.so*"))
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
-            fn = lib.openblas_set_num_threads_local
-        except (OSError, AttributeError):
+        except OSError:
             continue
-        fn.argtypes = [ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn
-    return None
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_int]
+                fn.restype = None
+                fn(1)
+                return True
+    return False
 
 
-_blas_set_local = _find_blas_local()
+_blas_single = _single_threaded_blas()
 
 
 def set_thread_budget(n: int) -> None:
-    """Threads one kernel call may use (Numba loops and BLAS alike), at most
+    """Threads one kernel call may use (its prange loops, which also run the
+    blocked products), at most
     ``NUMBA_NUM_THREADS``. Applies to calls made after it, from any thread."""
     global _budget
     if not isinstance(n, int) or n < 1:
@@ -93,12 +100,10 @@ def threads_for(rows: int) -> int:
 
 
 def use_threads(rows: int) -> int:
-    """Set the calling thread's Numba and OpenBLAS thread counts for a batch
-    of ``rows``; returns the count."""
+    """Set the calling thread's Numba thread count for a batch of ``rows``;
+    returns the count."""
     k = threads_for(rows)
     numba.set_num_threads(k)
-    if _blas_set_local is not None:
-        _blas_set_local(k)
     return k
 
 
@@ -109,7 +114,7 @@ def thread_config() -> dict:
         "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
         "budget": _budget,
         "parallel_min_rows": PARALLEL_MIN_ROWS,
-        "blas_per_thread_control": _blas_set_local is not None,
+        "blas_threads": 1 if _blas_single else "unknown (SciPy OpenBLAS not found)",
         "tbb_preloaded": _tbb_loaded,
     }
 

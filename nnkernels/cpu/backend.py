@@ -35,6 +35,7 @@ class _TrainWorkspace:
         self.z = np.empty(rows * per_row, dtype)
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
+        self.t = np.empty(rows * per_row, dtype)  # d transposed, per layer
         has_dropout = any(l.dropout > 0 for l in spec.hidden)
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
@@ -113,7 +114,7 @@ class CpuBackend(Backend):
         runtime.use_threads(n)
         loss, correct, sq = K.train_kernel(
             X, y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
-            ws.d[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
+            ws.d[:m], ws.t[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
             self._act_p, self._drop_p, self._drop_keys, self._noise_std, noise_key, self._out_kind,
             self._smoothing)
         return float(loss), int(correct), float(sq)

@@ -145,6 +145,9 @@ def _dot_nn(A, B, out):
     np.dot(A, B, out)
 
 
+BLOCK = 64  # rows per BLAS call; fixed so results do not depend on thread count
+
+
 @njit(**_JIT)
 def _row_blocks(n, width):
     """How many row blocks to split n rows of ``width`` into (≥ ~16k elements each)."""
@@ -155,8 +158,9 @@ def _row_blocks(n, width):
 @njit(**_PJIT)
 def dense_forward(H, W, b, Z, A, code, p):
     """Z = H @ W.T + b and A = f(Z) (BLAS product, then one fused pass)."""
-    _dot_nt(H, W, Z)
     n = Z.shape[0]
+    for k in prange((n + BLOCK - 1) // BLOCK):
+        _dot_nt(H[k * BLOCK:min(n, (k + 1) * BLOCK)], W, Z[k * BLOCK:min(n, (k + 1) * BLOCK)])
     nb, per = _row_blocks(n, Z.shape[1])
     for k in prange(nb):
         _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
@@ -169,6 +173,16 @@ def _mlp_views(buf, n, sizes, layer):
         off += n * sizes[l + 1]
     u = sizes[layer + 1]
     return buf[off:off + n * u].reshape((n, u))
+
+
+@njit(**_JIT)
+def _mlp_views_t(buf, n, sizes, layer):
+    """Layer ``layer``'s (units × n) transposed slice of a workspace."""
+    off = 0
+    for l in range(layer):
+        off += n * sizes[l + 1]
+    u = sizes[layer + 1]
+    return buf[off:off + n * u].reshape((u, n))
 
 
 @njit(**_PJIT)
@@ -188,7 +202,10 @@ def forward_kernel(X, params, zbuf, abuf, sizes, acts, act_p, out_kind, logits, 
         A = _mlp_views(abuf, n, sizes, l)
         code = acts[l] if l < L - 1 else 0
         p = act_p[l] if l < L - 1 else 0.0
-        _dot_nt(H, W, Z)
+        for k in prange((n + BLOCK - 1) // BLOCK):
+            r0 = k * BLOCK
+            r1 = min(n, r0 + BLOCK)
+            _dot_nt(H[r0:r1], W, Z[r0:r1])
         nb, per = _row_blocks(n, fout)
         for k in prange(nb):
             _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
@@ -297,7 +314,7 @@ def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
 
 
 @njit(**_PJIT)
-def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowcorrect, partials,
+def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, tbuf, rowloss, rowcorrect, partials,
                  sizes, acts, act_p, drop_p, drop_keys, noise_std, noise_key, out_kind, smoothing):
     """Training forward + backward. Fills ``grads`` and returns
     (mean loss, correct, squared grad norm). ``xin`` (n×in) receives the noisy
@@ -325,7 +342,10 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowc
         A = _mlp_views(abuf, n, sizes, l)
         code = acts[l] if l < L - 1 else 0
         p = act_p[l] if l < L - 1 else 0.0
-        _dot_nt(H, W, Z)
+        for k in prange((n + BLOCK - 1) // BLOCK):
+            r0 = k * BLOCK
+            r1 = min(n, r0 + BLOCK)
+            _dot_nt(H[r0:r1], W, Z[r0:r1])
         nb, per = _row_blocks(n, fout)
         for k in prange(nb):
             _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
@@ -354,6 +374,10 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowc
             rl, rc = _loss_row_targets(Zo, y, Do, i, inv, smoothing, out_kind)
         rowloss[i] = rl
         rowcorrect[i] = rc
+    Dot = _mlp_views_t(tbuf, n, sizes, L - 1)
+    for j in prange(u):
+        for i in range(n):
+            Dot[j, i] = Do[i, j]
     loss = 0.0
     correct = 0
     for i in range(n):
@@ -368,6 +392,7 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowc
         boff = off_end - fout
         off_end = woff
         D = _mlp_views(dbuf, n, sizes, l)
+        Dt = _mlp_views_t(tbuf, n, sizes, l)
         if l == 0:
             Hin = xin if noise_std > 0.0 else X
         elif drop_p[l - 1] > 0.0:
@@ -375,16 +400,23 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowc
         else:
             Hin = _mlp_views(abuf, n, sizes, l - 1)
         gW = grads[woff:woff + fout * fin].reshape((fout, fin))
-        _dot_tn(D, Hin, gW)
-        for j in prange(fout):  # bias grad: column sums, one column per iteration
+        for k in prange((fout + BLOCK - 1) // BLOCK):  # gW = D.T @ Hin, by blocks of output rows
+            o0 = k * BLOCK
+            o1 = min(fout, o0 + BLOCK)
+            _dot_nn(Dt[o0:o1], Hin, gW[o0:o1])
+        for j in prange(fout):  # bias grad: row sums of D.T, float64 accumulation
             s = 0.0
             for i in range(n):
-                s += D[i, j]
+                s += Dt[j, i]
             grads[boff + j] = s
         if l > 0:
             W = params[woff:woff + fout * fin].reshape((fout, fin))
             Dp = _mlp_views(dbuf, n, sizes, l - 1)
-            _dot_nn(D, W, Dp)
+            Dpt = _mlp_views_t(tbuf, n, sizes, l - 1)
+            for k in prange((n + BLOCK - 1) // BLOCK):
+                r0 = k * BLOCK
+                r1 = min(n, r0 + BLOCK)
+                _dot_nn(D[r0:r1], W, Dp[r0:r1])
             Zp = _mlp_views(zbuf, n, sizes, l - 1)
             Ap = _mlp_views(abuf, n, sizes, l - 1)
             code = acts[l - 1]
@@ -404,9 +436,11 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, rowloss, rowc
                             else:
                                 g = g * 0
                         if code == 1:
-                            Dp[i, j] = g if Zp[i, j] > 0 else g * 0
+                            g = g if Zp[i, j] > 0 else g * 0
                         else:
-                            Dp[i, j] = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
+                            g = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
+                        Dp[i, j] = g
+                        Dpt[j, i] = g
     # squared norm, fixed blocks then a serial sum
     m = grads.shape[0]
     nblk = partials.shape[0]

@@ -1,0 +1,84 @@
+"""Concurrency: parallel kernels from many Python threads at once are safe
+(thread-safe threading layer) and give bit-identical results."""
+import threading
+
+import numba
+import numpy as np
+
+import nnkernels
+from nnkernels import (LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec,
+                       runtime)
+
+
+def make_spec(i):
+    return ModelSpec(
+        input_size=24, hidden=(LayerSpec(96, ("relu", "gelu", "tanh", "elu")[i % 4], dropout=0.2),
+                               LayerSpec(48, "relu")),
+        output=OutputSpec(6, "softmax"), optimizer=OptimizerSpec(("adam", "sgd", "rmsprop", "adagrad")[i % 4]),
+        regularization=RegularizationSpec(input_noise_std=0.1, clip_grad_norm=1.0),
+        dtype=("float32", "float64")[i % 2], seed=i)
+
+
+def run(i, steps=12):
+    rs = np.random.default_rng(i)
+    m = Model(make_spec(i))
+    results = []
+    for _ in range(steps):
+        X = rs.normal(size=(runtime.PARALLEL_MIN_ROWS * 2, 24))
+        y = rs.integers(0, 6, len(X))
+        results.append(m.train_step(X, y))
+        results.append(m.predict(X[:50]).sum())
+    return results, m.state_dict()["params"]
+
+
+def test_threading_layer_is_thread_safe():
+    nnkernels.warm_up(("float32",))
+    assert numba.threading_layer() in ("tbb", "omp")
+    assert runtime.check_threading_layer() == numba.threading_layer()
+
+
+def test_eight_threads_training_concurrently_match_sequential_runs_bit_for_bit():
+    sequential = [run(i) for i in range(8)]
+    concurrent = [None] * 8
+    errors = []
+
+    def worker(i):
+        try:
+            concurrent[i] = run(i)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(8):
+        assert concurrent[i][0] == sequential[i][0]
+        np.testing.assert_array_equal(concurrent[i][1], sequential[i][1])
+
+
+def test_concurrent_predicts_on_one_model_agree():
+    m = Model(make_spec(1))
+    X = np.random.default_rng(0).normal(size=(300, 24))
+    expected = [m.predict(X[: 100 + 40 * i]) for i in range(6)]
+    outs = [None] * 6
+
+    def worker(i):
+        outs[i] = [m.predict(X[: 100 + 40 * i]) for _ in range(5)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(6):
+        for out in outs[i]:
+            np.testing.assert_array_equal(out, expected[i])
+
+
+def test_thread_budget_is_validated():
+    import pytest
+    with pytest.raises(ValueError):
+        nnkernels.set_thread_budget(0)
