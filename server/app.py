@@ -32,22 +32,26 @@ class ServerConfig:
     port: int = 50051
     store: str = "./gradserve.db"
     durability: Durability = field(default_factory=Durability)
+    sqlite_sync: str = ""  # "": FULL for step durability, NORMAL for interval
     workers: int = 8
     limits: Limits = field(default_factory=Limits)
     default_device: str = "cpu"
     grace_s: float = 10.0
+    kernel_threads: int = 0  # 0: nnkernels' default (every Numba thread)
     warm_up: bool = True
 
 
-def warm_up_kernels() -> tuple[float, str]:
+def warm_up_kernels(kernel_threads: int = 0) -> tuple[float, str, dict]:
     """Compiles (or loads from cache) every CPU kernel; refuses a threading
     layer that aborts under concurrent callers."""
-    from nnkernels import warm_up
+    from nnkernels import set_thread_budget, thread_config, warm_up
+    if kernel_threads:
+        set_thread_budget(kernel_threads)
     seconds, layer = warm_up()
     if layer == "workqueue":
         raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
                            "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
-    return seconds, layer
+    return seconds, layer, thread_config()
 
 
 class GradServer:
@@ -71,7 +75,7 @@ class GradServer:
     def start(self) -> int:
         cfg = self.config
         t0 = time.perf_counter()
-        sync = "FULL" if cfg.durability.mode == "step" else "NORMAL"
+        sync = cfg.sqlite_sync or ("FULL" if cfg.durability.mode == "step" else "NORMAL")
         self.store = SqliteStore(cfg.store, synchronous=sync)
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
@@ -94,11 +98,13 @@ class GradServer:
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
-        log.info("event=listening host=%s port=%d store=%s durability=%s workers=%d health=NOT_SERVING",
-                 cfg.host, self.port, cfg.store, cfg.durability.mode, cfg.workers)
+        log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d "
+                 "health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode, sync.lower(), cfg.workers)
         if cfg.warm_up:
-            seconds, layer = warm_up_kernels()
-            log.info("event=kernels_warm seconds=%.2f threading_layer=%s", seconds, layer)
+            seconds, layer, threads = warm_up_kernels(cfg.kernel_threads)
+            log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
+                     "blas_per_thread_control=%s", seconds, layer, threads.get("budget"),
+                     threads.get("numba_num_threads"), threads.get("blas_per_thread_control"))
         loaded = self.registry.load_stored()
         self.registry.start_checkpointer()
         self.servicer.ready.set()

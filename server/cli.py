@@ -17,6 +17,8 @@ SERVE_FLAGS = [
     ("store", str, "./gradserve.db", "SQLite file holding every model"),
     ("durability", str, "step", "step: commit every acknowledged step before replying; "
                                 "interval: every --checkpoint-steps steps or --checkpoint-seconds, and at shutdown"),
+    ("sqlite-sync", str, "", "full: fsync every commit (survives power loss); normal: survives a process crash "
+                             "only, about half the cost; empty: full for step durability, normal for interval"),
     ("checkpoint-steps", int, 100, "interval durability: commit a model after this many steps"),
     ("checkpoint-seconds", float, 30.0, "interval durability: commit a changed model after this many seconds"),
     ("workers", int, 8, "gRPC worker threads"),
@@ -26,6 +28,8 @@ SERVE_FLAGS = [
     ("max-batch-rows", int, Limits.max_batch_rows, "rows per batch (train, gradients, predict)"),
     ("max-layers", int, Limits.max_layers, "dense layers per model (hidden + output)"),
     ("default-device", str, "cpu", "device for specs that name none (cpu, cuda)"),
+    ("kernel-threads", int, 0, "threads one kernel call may use (Numba and BLAS); 0: all cores. "
+                               "Under many concurrent callers about cores / concurrent calls is best"),
     ("grace-s", float, 10.0, "seconds in-flight calls get to finish at shutdown"),
     ("log-level", str, "info", "debug, info, warning, error"),
     ("log-format", str, "kv", "kv (key=value) or json"),
@@ -56,10 +60,12 @@ def config_from_args(args):
     return ServerConfig(
         host=args.host, port=args.port, store=args.store,
         durability=Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds),
+        sqlite_sync=args.sqlite_sync,
         workers=args.workers,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers),
-        default_device=args.default_device, grace_s=args.grace_s)
+        default_device=args.default_device, grace_s=args.grace_s,
+        kernel_threads=args.kernel_threads)
 
 
 def main(argv=None) -> int:

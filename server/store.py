@@ -6,9 +6,10 @@ of ``ModelSpec.to_dict``, step, creation time) plus one row per array of its
 no pickle. A checkpoint replaces a model's arrays and step in one
 transaction, so a crash leaves either the old state or the new one.
 
-With ``synchronous=FULL`` (the ``step`` durability) each commit is fsynced
-before it returns; with ``NORMAL`` (``interval``) a commit survives a crash of
-the process but maybe not of the machine.
+With ``synchronous=FULL`` (the default for ``step`` durability) each commit
+is fsynced before it returns and survives a power loss; with ``NORMAL`` (the
+default for ``interval``, or ``--sqlite-sync normal``) a commit survives a
+crash of the process but maybe not of the machine, and costs about half.
 """
 from __future__ import annotations
 
@@ -63,8 +64,18 @@ class SqliteStore:
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # A checkpoint is a few MB of blobs: 64 KiB pages write them with a
+        # tenth of the page overhead (measured: 784-512-256-10 Adam state,
+        # 120 -> 45 ms per fsynced commit). Only takes effect on a new file.
+        self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
+            raise ValueError(f"synchronous={synchronous!r}: use full or normal")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        # move WAL pages into the database every ~128 MB, not every 4 MB
+        # (the default would do it on almost every big checkpoint)
+        self._db.execute("PRAGMA wal_autocheckpoint=2000")
+        self._db.execute(f"PRAGMA journal_size_limit={128 << 20}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
 
