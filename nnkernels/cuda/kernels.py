@@ -68,7 +68,6 @@ def build_sources(dtype: str, tile: int, threads: int):
     HALF = T(0.5)
     THREE = T(3.0)
     SIXTH = T(1.0 / 6.0)
-    THIRD = T(1.0 / 3.0)
     TWENTY = T(20.0)
     GELU_K = T(math.sqrt(2.0 / math.pi))
     GELU_C = T(0.044715)
@@ -137,11 +136,11 @@ def build_sources(dtype: str, tile: int, threads: int):
         if code == 6:
             t = math.tanh(z)
             return ONE - t * t
-        if code == 7:
-            if z < -THREE:
+        if code == 7:  # torch 2.x hardswish_backward, kinks included
+            if z <= -THREE:
                 return ZERO
-            if z <= THREE:
-                return z * THIRD + HALF
+            if z < THREE:
+                return z / THREE + HALF
             return ONE
         if code == 8:
             t = math.tanh(GELU_K * (z + GELU_C * z * z * z))
@@ -487,7 +486,7 @@ def build_sources(dtype: str, tile: int, threads: int):
                 d = d + wd * p[i]
             s = acc_sum[i] + d * d
             acc_sum[i] = s
-            p[i] = p[i] - clr * (d / (math.sqrt(s) + eps))
+            p[i] = p[i] - clr * d / (math.sqrt(s) + eps)
 
     def rmsprop_step(p, g, sq, mom, gavg, size, lr, alpha, one_m_alpha, eps, momentum, centered, wd, gs):
         """torch.optim.RMSprop: d = g·gs + wd·p; sq = α·sq + (1-α)·d²;
@@ -498,7 +497,7 @@ def build_sources(dtype: str, tile: int, threads: int):
             d = g[i] * gs
             if wd != ZERO:
                 d = d + wd * p[i]
-            s = sq[i] * alpha + one_m_alpha * (d * d)
+            s = sq[i] * alpha + one_m_alpha * d * d
             sq[i] = s
             if centered != 0:
                 ga = lerp(gavg[i], d, one_m_alpha)
@@ -511,7 +510,7 @@ def build_sources(dtype: str, tile: int, threads: int):
                 mom[i] = bv
                 p[i] = p[i] - lr * bv
             else:
-                p[i] = p[i] - lr * (d / avg)
+                p[i] = p[i] - lr * d / avg
 
     def adam_step(p, g, m1, m2, vmax, size, lr, one_m_beta1, beta2, one_m_beta2, eps, wd, decoupled,
                   amsgrad, step_size, bc2_sqrt, gs):
@@ -529,14 +528,14 @@ def build_sources(dtype: str, tile: int, threads: int):
                     d = d + wd * pv
             a = lerp(m1[i], d, one_m_beta1)
             m1[i] = a
-            v = m2[i] * beta2 + one_m_beta2 * (d * d)
+            v = m2[i] * beta2 + one_m_beta2 * d * d
             m2[i] = v
             if amsgrad != 0:
                 if vmax[i] > v:
                     v = vmax[i]
                 vmax[i] = v
             denom = math.sqrt(v) / bc2_sqrt + eps
-            p[i] = pv - step_size * (a / denom)
+            p[i] = pv - step_size * a / denom
 
     sources = {
         "linear_forward": (linear_forward, (A2, A2, A1, A2, A2, i64, i64, i64, i64, T, u64, f64, T, i64)),
