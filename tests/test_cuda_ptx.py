@@ -30,6 +30,17 @@ def _sources():
             for name, (fn, sig) in K.build_sources(dt, K.TILE, K.THREADS).items()]
 
 
+def _compile_ptx(cuda, fn, sig):
+    """``cuda.compile_ptx`` for sm_90. Device functions (activations, lerp,
+    rng.uniform01/box_muller) are compiled for "the current device" when a
+    kernel calls them; with no GPU there is none, so say it is a compute
+    capability 9.0 device (what we target)."""
+    import numba.cuda.dispatcher as dispatcher
+    fake_device = pytypes.SimpleNamespace(compute_capability=(9, 0))
+    with mock.patch.object(dispatcher, "get_current_device", lambda: fake_device):
+        return cuda.compile_ptx(fn, sig.args, cc=(9, 0))[0]
+
+
 EXPECTED = {
     "linear_forward", "linear_backward_input", "linear_backward_weight", "bias_grad",
     "add_noise", "output_activation", "loss_dense", "loss_labels", "reduce_rows",
@@ -46,20 +57,14 @@ def test_every_kernel_is_listed():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_kernel_compiles_to_sm90_ptx(dtype):
     cuda = _real_cuda()
-    import numba.cuda.dispatcher as dispatcher
-    # Device functions (activations, rng.uniform01/box_muller) are compiled
-    # for "the current device" when a kernel calls them; with no GPU there is
-    # none, so say it is a compute capability 9.0 device (what we target).
-    fake_device = pytypes.SimpleNamespace(compute_capability=(9, 0))
     compiled = []
-    with mock.patch.object(dispatcher, "get_current_device", lambda: fake_device):
-        for dt, name, fn, sig in _sources():
-            if dt != dtype:
-                continue
-            ptx, resty = cuda.compile_ptx(fn, sig.args, cc=(9, 0))
-            assert ".target sm_90" in ptx, name
-            assert ".entry" in ptx, name
-            compiled.append(name)
+    for dt, name, fn, sig in _sources():
+        if dt != dtype:
+            continue
+        ptx = _compile_ptx(cuda, fn, sig)
+        assert ".target sm_90" in ptx, name
+        assert ".entry" in ptx, name
+        compiled.append(name)
     assert set(compiled) == EXPECTED
 
 
@@ -72,8 +77,7 @@ def test_float32_products_stay_float32():
     src = K.build_sources("float32", K.TILE, K.THREADS)
     for name in ("linear_backward_weight", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
         fn, sig = src[name]
-        ptx, _ = cuda.compile_ptx(fn, sig.args, cc=(9, 0))
-        assert ".f64" not in ptx, name
+        assert ".f64" not in _compile_ptx(cuda, fn, sig), name
 
 
 def test_cuda_model_without_gpu_raises_device_unavailable():
