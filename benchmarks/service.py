@@ -2,12 +2,15 @@
 message shapes, no model) and the same network computed in process
 (nnkernels and PyTorch).
 
-    .venv/bin/python benchmarks/service.py [--seconds 3] [--json out.json]
+    .venv/bin/python benchmarks/service.py [--seconds 3] [--rounds 3] [--json out.json]
 
 Starts the echo server and a gradserve server (fresh temporary store,
 ``--durability interval``) as subprocesses on free loopback ports, drives
 both with gradserve-loadtest's runner, and prints one table with the
-measured figures, their ratios and the targets. Network: 784-512-256-10,
+measured figures, their ratios and the targets. Every figure is taken once
+per round, rounds interleaved, and the table shows the medians: on a shared
+machine the load changes by the minute, and interleaving keeps each ratio's
+two sides under the same conditions. Network: 784-512-256-10,
 ReLU, softmax, Adam, float32. Server and load tool share the machine's
 cores: ratios measured in one run are what to compare, not absolutes.
 """
@@ -137,6 +140,17 @@ def measure(target: str, ids: list[str], call: str, batch: int, concurrency: int
     return d
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The median over rounds of each figure the table uses."""
+    med = statistics.median
+    return {
+        "rps": med(r["rps"] for r in runs),
+        "rows_per_s": med(r["rows_per_s"] for r in runs),
+        "latency_ms": {p: med(r["latency_ms"][p] for r in runs) for p in ("p50", "p99")},
+        "tool_cpu_us_per_call": med(r["tool_cpu_us_per_call"] for r in runs),
+    }
+
+
 def time_calls(fn, seconds: float, min_calls: int = 5) -> float:
     """Median seconds per call of ``fn`` over about ``seconds`` (after two
     warm-up calls)."""
@@ -201,6 +215,8 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="measured seconds per load run")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every figure this many times, interleaved; the table shows medians")
     ap.add_argument("--workers", type=int, default=8, help="gRPC worker threads of both servers")
     ap.add_argument("--json", default=None, help="also write every figure to this file")
     args = ap.parse_args(argv)
@@ -208,7 +224,7 @@ def main(argv=None) -> int:
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_avg_at_start']}; "
           f"Python {info['python']}, grpcio {info['grpc']}; server workers {args.workers}", flush=True)
-    figures: dict = {"machine": info, "seconds_per_run": secs}
+    figures: dict = {"machine": info, "seconds_per_run": secs, "rounds": args.rounds}
     tmp = tempfile.TemporaryDirectory(prefix="gradserve-bench-")
     log = open(os.path.join(tmp.name, "server.log"), "w")
     echo = gs = None
@@ -220,25 +236,37 @@ def main(argv=None) -> int:
         ids = models.create(SPEC, 16)
         echo_ids = ["echo"]
 
-        def run(name, *a, **kw):
-            d = measure(*a, seconds=secs, **kw)
-            figures[name] = d
-            lat = d["latency_ms"]
-            print(f"  {name:<28} {d['rps']:9.1f} req/s  p50 {lat['p50']:7.3f} ms  p99 {lat['p99']:7.3f} ms"
-                  f"  ({d['engine']}, {d['count']} calls)", flush=True)
-            return d
-
-        print("load runs:", flush=True)
-        e1 = run("echo_predict_b1_c1", echo_target, echo_ids, "predict", 1, 1)
-        g1 = run("grpc_predict_b1_c1", gs_target, ids[:1], "predict", 1, 1)
-        e16 = run("echo_predict_b1_c16", echo_target, echo_ids, "predict", 1, 16)
-        g16 = run("grpc_predict_b1_c16", gs_target, ids[:1], "predict", 1, 16)
-        e1024 = run("echo_predict_b1024_c1", echo_target, echo_ids, "predict", 1024, 1)
-        g1024 = run("grpc_predict_b1024_c1", gs_target, ids[:1], "predict", 1024, 1)
-        g1024c2 = run("grpc_predict_b1024_c2", gs_target, ids[:1], "predict", 1024, 2)
-        e256 = run("echo_train_b256_c1", echo_target, echo_ids, "train-step", 256, 1)
-        t1 = run("grpc_train_b256_c1", gs_target, ids[:1], "train-step", 256, 1)
-        t16 = run("grpc_train_b256_c16_16models", gs_target, ids, "train-step", 256, 16)
+        plan = [  # name, target, model ids, call, batch, callers
+            ("echo_predict_b1_c1", echo_target, echo_ids, "predict", 1, 1),
+            ("grpc_predict_b1_c1", gs_target, ids[:1], "predict", 1, 1),
+            ("echo_predict_b1_c16", echo_target, echo_ids, "predict", 1, 16),
+            ("grpc_predict_b1_c16", gs_target, ids[:1], "predict", 1, 16),
+            ("echo_predict_b1024_c1", echo_target, echo_ids, "predict", 1024, 1),
+            ("grpc_predict_b1024_c1", gs_target, ids[:1], "predict", 1024, 1),
+            ("grpc_predict_b1024_c2", gs_target, ids[:1], "predict", 1024, 2),
+            ("echo_train_b256_c1", echo_target, echo_ids, "train-step", 256, 1),
+            ("grpc_train_b256_c1", gs_target, ids[:1], "train-step", 256, 1),
+            ("grpc_train_b256_c16_16models", gs_target, ids, "train-step", 256, 16),
+        ]
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in plan}
+        nk_runs, th_runs = [], []
+        for rnd in range(args.rounds):
+            # Every figure once per round, in-process ones included, so that
+            # each ratio compares figures taken minutes apart at most.
+            print(f"round {rnd + 1}/{args.rounds}:", flush=True)
+            for name, target, mids, call, batch, callers in plan:
+                d = measure(target, mids, call, batch, callers, seconds=secs)
+                runs[name].append(d)
+                lat = d["latency_ms"]
+                print(f"  {name:<30} {d['rps']:9.1f} req/s  p50 {lat['p50']:8.3f} ms  p99 {lat['p99']:8.3f} ms"
+                      f"  ({d['engine']}, {d['count']} calls, tool {d['tool_cpu_us_per_call']:.0f} us CPU/call)",
+                      flush=True)
+            nk_runs.append(in_process_nnkernels(secs))
+            th_runs.append(in_process_torch(secs))
+            print(f"  in process: nnkernels predict b1024 {nk_runs[-1]['predict_b1024_s'] * 1e3:.2f} ms, "
+                  f"train b256 {nk_runs[-1]['train_b256_s'] * 1e3:.2f} ms"
+                  + (f"; torch predict b1024 {th_runs[-1]['predict_b1024_s'] * 1e3:.2f} ms" if th_runs[-1] else ""),
+                  flush=True)
         failed = models.close()
         models = None
         if failed:
@@ -252,9 +280,12 @@ def main(argv=None) -> int:
         log.close()
     tmp.cleanup()
 
-    print("in process (server idle):", flush=True)
-    nk = in_process_nnkernels(secs)
-    th = in_process_torch(secs)
+    figures["runs"] = runs
+    e1, g1, e16, g16, e1024, g1024, g1024c2, e256, t1, t16 = (median_run(runs[name]) for name, *_ in plan)
+    nk = {k: statistics.median(r[k] for r in nk_runs) for k in ("predict_b1024_s", "train_b256_s")}
+    th = None if th_runs[0] is None else {
+        "predict_b1024_s": statistics.median(r["predict_b1024_s"] for r in th_runs),
+        "threads": th_runs[0]["threads"], "version": th_runs[0]["version"]}
     import nnkernels
     nk["thread_config"] = nnkernels.thread_config()
     figures["in_process_nnkernels"] = nk

@@ -100,6 +100,7 @@ class LoadResult:
     warmup_calls: int
     interrupted: bool
     open_loop: bool
+    tool_cpu_us_per_call: float = 0.0  # the load tool's own CPU time per call (all threads, warm-up included)
 
     @property
     def count(self) -> int:
@@ -129,6 +130,7 @@ class _RunState:
         self.duration_s = duration_s
         self.stop_event = stop_event
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
         self.hard_deadline = self.t0 + max_run_s
         self.measure_from_ticket: int | None = warmup_calls if not warmup_s else None
         self.measure_start: float | None = None
@@ -187,7 +189,10 @@ class _RunState:
             total_s = 0.0
         else:
             total_s = max(self.measure_end - self.measure_start, 0.0)
+        calls = self.overall.count + self.warmup_done_calls
+        cpu_us = (time.process_time() - self.cpu0) * 1e6 / calls if calls else 0.0
         return LoadResult(
+            tool_cpu_us_per_call=cpu_us,
             concurrency=concurrency, rps_limit=self.rps, total_s=total_s, overall=self.overall,
             per_kind=self.per_kind, status_codes=self.codes, errors=self.errors,
             warmup_calls=self.warmup_done_calls, interrupted=interrupted, open_loop=self.rps is not None,
@@ -406,6 +411,7 @@ def result_to_dict(result: LoadResult, **context) -> dict:
         "total_s": result.total_s,
         "rps": result.rps,
         "rows_per_s": result.overall.rows / result.total_s if result.total_s > 0 else 0.0,
+        "tool_cpu_us_per_call": result.tool_cpu_us_per_call,
         "latency_ms": latency_summary(result.overall),
         "histogram": histogram_buckets(result.overall),
         "status_codes": dict(sorted(result.status_codes.items())),
@@ -445,6 +451,8 @@ def format_report(d: dict, bar_width: int = 40) -> str:
     lines.append(f"  {'Requests/sec:':<14}{d['rps']:.2f}")
     if d.get("rows_per_s"):
         lines.append(f"  {'Rows/sec:':<14}{d['rows_per_s']:.1f}")
+    if d.get("tool_cpu_us_per_call"):
+        lines.append(f"  {'Tool CPU:':<14}{d['tool_cpu_us_per_call']:.0f} us per call (this process)")
     if d.get("warmup_calls"):
         lines.append(f"  {'Warm-up:':<14}{d['warmup_calls']} calls, not counted")
     if lat:
