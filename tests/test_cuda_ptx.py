@@ -27,7 +27,7 @@ def _sources():
     from nnkernels.cuda import kernels as K
     return [(dt, name, fn, sig)
             for dt in ("float32", "float64")
-            for name, (fn, sig) in K.build_sources(dt, K.TILE, K.THREADS).items()]
+            for name, (fn, sig) in K.build_sources(dt, K.TILE, K.THREADS, K.REG).items()]
 
 
 def _compile_ptx(cuda, fn, sig):
@@ -74,7 +74,7 @@ def test_float32_products_stay_float32():
     bias gradient and reductions accumulate in float64 (as the reference)."""
     cuda = _real_cuda()
     from nnkernels.cuda import kernels as K
-    src = K.build_sources("float32", K.TILE, K.THREADS)
+    src = K.build_sources("float32", K.TILE, K.THREADS, K.REG)
     for name in ("linear_backward_weight", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
         fn, sig = src[name]
         assert ".f64" not in _compile_ptx(cuda, fn, sig), name

@@ -7,8 +7,9 @@ dtype). Keeping the un-jitted functions lets ``tests/test_cuda_ptx.py``
 compile each one to real sm_90 PTX with ``cuda.compile_ptx`` on a machine
 without a GPU, for both dtypes, from the same source the GPU runs.
 
-Geometry: matrix products use square ``tile``×``tile`` thread blocks with
-shared-memory tiles; every kernel loops grid-stride (over output tiles, rows
+Geometry: matrix products use square ``tile``×``tile`` thread blocks, each
+thread accumulating ``reg``×``reg`` outputs in registers from shared-memory
+tiles; every kernel loops grid-stride (over output tiles, rows
 or elements), so results do not depend on how many blocks are launched. Under
 the simulator (one Python thread per simulated thread) the backend launches
 tiny blocks (``SIM_TILE``, ``SIM_THREADS``); on a GPU ``TILE``/``THREADS``.
@@ -32,10 +33,12 @@ from .. import rng
 from . import SIMULATOR, numba_cuda as cuda
 
 # --- geometry ---------------------------------------------------------------
-TILE = 16          # matmul tile on a GPU (TILE×TILE threads per block)
+TILE = 16          # matmul blocks on a GPU: TILE×TILE threads ...
+REG = 4            # ... each computing REG×REG outputs (64×64 outputs per block)
 THREADS = 256      # threads per block for 1-D kernels on a GPU
 RED_BLOCKS = 256   # blocks of the first stage of the gradient-norm reduction
 SIM_TILE = 4       # the same kernels under the simulator: tiny blocks
+SIM_REG = 2
 SIM_THREADS = 8
 SIM_RED_BLOCKS = 2
 
@@ -56,12 +59,13 @@ _uniform01 = cuda.jit(device=True)(rng.uniform01) if cuda is not None else None
 _box_muller = cuda.jit(device=True)(rng.box_muller) if cuda is not None else None
 
 
-def build_sources(dtype: str, tile: int, threads: int):
+def build_sources(dtype: str, tile: int, threads: int, reg: int):
     """The kernels for one dtype and geometry, as plain Python functions
     (not yet jitted), and their signatures: ``{name: (pyfunc, signature)}``.
 
-    ``tile`` fixes the shared-memory tiles of the products; ``threads`` the
-    block size of the single-block reductions (a power of two)."""
+    ``tile``: the products' blocks are tile×tile threads, each computing
+    reg×reg outputs (a block covers (tile·reg)² outputs); ``threads``: the
+    block size of 1-D kernels and reductions (a power of two)."""
     T = _NUMBA_DTYPES[dtype]
     ZERO = T(0.0)
     ONE = T(1.0)
@@ -72,7 +76,10 @@ def build_sources(dtype: str, tile: int, threads: int):
     GELU_K = T(math.sqrt(2.0 / math.pi))
     GELU_C = T(0.044715)
     GELU_C3 = T(3.0 * 0.044715)
-    TP = tile + 1  # padded row: no shared-memory bank conflicts on column reads
+    BT = tile * reg    # output tile edge per block
+    KT = tile          # reduction slice staged in shared memory per step
+    KP = KT + 1        # padded shared row: conflict-free reads
+    NT = tile * tile   # threads per block
     f64 = types.float64
     i64 = types.int64
     u64 = types.uint64
@@ -162,96 +169,166 @@ def build_sources(dtype: str, tile: int, threads: int):
         return ZERO
 
     # ---- products with fused epilogues -------------------------------------
+    # Register-blocked tiled products. A block of tile×tile threads computes a
+    # BT×BT output tile (BT = tile·reg): thread (ty, tx) owns the reg×reg
+    # outputs at rows ty + i·tile and columns tx + j·tile, accumulated in
+    # registers. The reduction runs over KT-wide slices staged in shared
+    # memory (one row of padding: conflict-free reads), loaded by all
+    # threads with consecutive threads reading consecutive global addresses.
+    # Out-of-range elements load as zero, so any shape works. Tiles are
+    # visited grid-stride.
+
     def linear_forward(A, W, b, Z, Out, n, k, m, act, p1, key, drop_p, drop_scale, store_z):
         """Z = A·Wᵀ + b (A: n×k, W: m×k, Z: n×m); Out = act(Z), then inverted
         dropout with probability drop_p (index row*m + col of stream key).
         Z is written only when store_z (training keeps it for the backward)."""
-        sA = cuda.shared.array((tile, TP), T)
-        sB = cuda.shared.array((tile, TP), T)
+        sA = cuda.shared.array((BT, KP), T)
+        sB = cuda.shared.array((BT, KP), T)
+        acc = cuda.local.array((reg, reg), T)
+        av = cuda.local.array(reg, T)
+        bv = cuda.local.array(reg, T)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
-        tiles_m = (m + tile - 1) // tile
-        ntiles = ((n + tile - 1) // tile) * tiles_m
+        tid = ty * tile + tx
+        tiles_m = (m + BT - 1) // BT
+        ntiles = ((n + BT - 1) // BT) * tiles_m
         for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
-            row0 = (t // tiles_m) * tile
-            col0 = (t % tiles_m) * tile
-            r = row0 + ty
-            c = col0 + tx
-            wr = col0 + ty
-            acc = ZERO
-            for k0 in range(0, k, tile):
-                kk = k0 + tx
-                sA[ty, tx] = A[r, kk] if (r < n and kk < k) else ZERO
-                sB[ty, tx] = W[wr, kk] if (wr < m and kk < k) else ZERO
+            row0 = (t // tiles_m) * BT
+            col0 = (t % tiles_m) * BT
+            for i in range(reg):
+                for j in range(reg):
+                    acc[i, j] = ZERO
+            for k0 in range(0, k, KT):
+                for e in range(tid, BT * KT, NT):
+                    li = e // KT
+                    q = e - li * KT
+                    r = row0 + li
+                    kk = k0 + q
+                    sA[li, q] = A[r, kk] if (r < n and kk < k) else ZERO
+                    c = col0 + li
+                    sB[li, q] = W[c, kk] if (c < m and kk < k) else ZERO
                 cuda.syncthreads()
-                for q in range(tile):
-                    acc += sA[ty, q] * sB[tx, q]
+                for q in range(KT):
+                    for i in range(reg):
+                        av[i] = sA[ty + i * tile, q]
+                    for j in range(reg):
+                        bv[j] = sB[tx + j * tile, q]
+                    for i in range(reg):
+                        for j in range(reg):
+                            acc[i, j] += av[i] * bv[j]
                 cuda.syncthreads()
-            if r < n and c < m:
-                z = acc + b[c]
-                if store_z != 0:
-                    Z[r, c] = z
-                a = act_fwd(z, act, p1)
-                if drop_p > 0.0:
-                    a = a * dropout_factor(key, r * m + c, drop_p, drop_scale)
-                Out[r, c] = a
+            for i in range(reg):
+                r = row0 + ty + i * tile
+                for j in range(reg):
+                    c = col0 + tx + j * tile
+                    if r < n and c < m:
+                        z = acc[i, j] + b[c]
+                        if store_z != 0:
+                            Z[r, c] = z
+                        a = act_fwd(z, act, p1)
+                        if drop_p > 0.0:
+                            a = a * dropout_factor(key, r * m + c, drop_p, drop_scale)
+                        Out[r, c] = a
 
     def linear_backward_input(dZ, W, Zp, dZp, n, m, k, act, p1, key, drop_p, drop_scale):
         """dZp = ((dZ·W) ⊙ dropout mask·scale) ⊙ act'(Zp): the gradient of the
         previous layer's pre-activation (dZ: n×m, W: m×k, Zp, dZp: n×k)."""
-        sA = cuda.shared.array((tile, TP), T)
-        sB = cuda.shared.array((tile, TP), T)
+        sA = cuda.shared.array((BT, KP), T)
+        sB = cuda.shared.array((BT, KP), T)
+        acc = cuda.local.array((reg, reg), T)
+        av = cuda.local.array(reg, T)
+        bv = cuda.local.array(reg, T)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
-        tiles_k = (k + tile - 1) // tile
-        ntiles = ((n + tile - 1) // tile) * tiles_k
+        tid = ty * tile + tx
+        tiles_k = (k + BT - 1) // BT
+        ntiles = ((n + BT - 1) // BT) * tiles_k
         for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
-            row0 = (t // tiles_k) * tile
-            col0 = (t % tiles_k) * tile
-            r = row0 + ty
-            c = col0 + tx
-            acc = ZERO
-            for j0 in range(0, m, tile):
-                ja = j0 + tx
-                jb = j0 + ty
-                sA[ty, tx] = dZ[r, ja] if (r < n and ja < m) else ZERO
-                sB[ty, tx] = W[jb, c] if (jb < m and c < k) else ZERO
+            row0 = (t // tiles_k) * BT
+            col0 = (t % tiles_k) * BT
+            for i in range(reg):
+                for j in range(reg):
+                    acc[i, j] = ZERO
+            for j0 in range(0, m, KT):
+                for e in range(tid, BT * KT, NT):
+                    # sA[li, q] = dZ[row0+li, j0+q]: consecutive e along the dZ row
+                    li = e // KT
+                    q = e - li * KT
+                    r = row0 + li
+                    jj = j0 + q
+                    sA[li, q] = dZ[r, jj] if (r < n and jj < m) else ZERO
+                    # sB[lc, q] = W[j0+q, col0+lc]: consecutive e along the W row
+                    q2 = e // BT
+                    lc = e - q2 * BT
+                    jw = j0 + q2
+                    c = col0 + lc
+                    sB[lc, q2] = W[jw, c] if (jw < m and c < k) else ZERO
                 cuda.syncthreads()
-                for q in range(tile):
-                    acc += sA[ty, q] * sB[q, tx]
+                for q in range(KT):
+                    for i in range(reg):
+                        av[i] = sA[ty + i * tile, q]
+                    for j in range(reg):
+                        bv[j] = sB[tx + j * tile, q]
+                    for i in range(reg):
+                        for j in range(reg):
+                            acc[i, j] += av[i] * bv[j]
                 cuda.syncthreads()
-            if r < n and c < k:
-                d = acc
-                if drop_p > 0.0:
-                    d = d * dropout_factor(key, r * k + c, drop_p, drop_scale)
-                dZp[r, c] = d * act_deriv(Zp[r, c], act, p1)
+            for i in range(reg):
+                r = row0 + ty + i * tile
+                for j in range(reg):
+                    c = col0 + tx + j * tile
+                    if r < n and c < k:
+                        d = acc[i, j]
+                        if drop_p > 0.0:
+                            d = d * dropout_factor(key, r * k + c, drop_p, drop_scale)
+                        dZp[r, c] = d * act_deriv(Zp[r, c], act, p1)
 
     def linear_backward_weight(dZ, A, dW, n, m, k):
         """dW = dZᵀ·A (dZ: n×m, A: n×k, dW: m×k), reducing over the batch."""
-        sA = cuda.shared.array((tile, TP), T)
-        sB = cuda.shared.array((tile, TP), T)
+        sA = cuda.shared.array((BT, KP), T)
+        sB = cuda.shared.array((BT, KP), T)
+        acc = cuda.local.array((reg, reg), T)
+        av = cuda.local.array(reg, T)
+        bv = cuda.local.array(reg, T)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
-        tiles_k = (k + tile - 1) // tile
-        ntiles = ((m + tile - 1) // tile) * tiles_k
+        tid = ty * tile + tx
+        tiles_k = (k + BT - 1) // BT
+        ntiles = ((m + BT - 1) // BT) * tiles_k
         for t in range(cuda.blockIdx.x, ntiles, cuda.gridDim.x):
-            row0 = (t // tiles_k) * tile
-            col0 = (t % tiles_k) * tile
-            i = row0 + ty
-            c = col0 + tx
-            acc = ZERO
-            for r0 in range(0, n, tile):
-                rr = r0 + ty
-                ia = row0 + tx
-                # sA[q, j] = dZ[r0+q, row0+j]: coalesced along the dZ row
-                sA[ty, tx] = dZ[rr, ia] if (rr < n and ia < m) else ZERO
-                sB[ty, tx] = A[rr, c] if (rr < n and c < k) else ZERO
+            row0 = (t // tiles_k) * BT
+            col0 = (t % tiles_k) * BT
+            for i in range(reg):
+                for j in range(reg):
+                    acc[i, j] = ZERO
+            for r0 in range(0, n, KT):
+                for e in range(tid, BT * KT, NT):
+                    # both operands are read along their rows (the batch is
+                    # the reduction): sA[li, q] = dZ[r0+q, row0+li],
+                    # sB[lc, q] = A[r0+q, col0+lc]
+                    q = e // BT
+                    l = e - q * BT
+                    rr = r0 + q
+                    ia = row0 + l
+                    sA[l, q] = dZ[rr, ia] if (rr < n and ia < m) else ZERO
+                    c = col0 + l
+                    sB[l, q] = A[rr, c] if (rr < n and c < k) else ZERO
                 cuda.syncthreads()
-                for q in range(tile):
-                    acc += sA[q, ty] * sB[q, tx]
+                for q in range(KT):
+                    for i in range(reg):
+                        av[i] = sA[ty + i * tile, q]
+                    for j in range(reg):
+                        bv[j] = sB[tx + j * tile, q]
+                    for i in range(reg):
+                        for j in range(reg):
+                            acc[i, j] += av[i] * bv[j]
                 cuda.syncthreads()
-            if i < m and c < k:
-                dW[i, c] = acc
+            for i in range(reg):
+                r = row0 + ty + i * tile
+                for j in range(reg):
+                    c = col0 + tx + j * tile
+                    if r < m and c < k:
+                        dW[r, c] = acc[i, j]
 
     def bias_grad(dZ, db, n, m):
         """db[c] = Σ_r dZ[r, c], accumulated in float64 (as the reference):
@@ -566,10 +643,10 @@ class KernelSet:
             raise ImportError("numba-cuda is not installed")
         self.dtype = dtype
         if SIMULATOR:
-            self.tile, self.threads, self.red_blocks = SIM_TILE, SIM_THREADS, SIM_RED_BLOCKS
+            self.tile, self.reg, self.threads, self.red_blocks = SIM_TILE, SIM_REG, SIM_THREADS, SIM_RED_BLOCKS
         else:
-            self.tile, self.threads, self.red_blocks = TILE, THREADS, RED_BLOCKS
-        self.sources = build_sources(dtype, self.tile, self.threads)
+            self.tile, self.reg, self.threads, self.red_blocks = TILE, REG, THREADS, RED_BLOCKS
+        self.sources = build_sources(dtype, self.tile, self.threads, self.reg)
         self._k = {name: cuda.jit(fn) for name, (fn, _sig) in self.sources.items()}
         self._compiled = False
         self._lock = threading.Lock()
@@ -599,7 +676,9 @@ class KernelSet:
         return min(blocks, 1 if SIMULATOR else 65535)
 
     def grid_tiles(self, rows: int, cols: int) -> int:
-        tiles = ((rows + self.tile - 1) // self.tile) * ((cols + self.tile - 1) // self.tile)
+        """Blocks for a product with a rows×cols output."""
+        bt = self.tile * self.reg
+        tiles = ((rows + bt - 1) // bt) * ((cols + bt - 1) // bt)
         return min(max(tiles, 1), 2 if SIMULATOR else 1 << 20)
 
 
