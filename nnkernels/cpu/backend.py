@@ -70,6 +70,8 @@ class CpuBackend(Backend):
         self._noise_std = float(spec.regularization.input_noise_std)
         self._partials = np.empty(max(1, -(-self.layout.size // K.NORM_BLOCK)), np.float64)
         self._train_ws: _TrainWorkspace | None = None
+        self._no_labels = np.empty(0, np.int64)
+        self._no_targets = np.empty((0, spec.output.units), self.dtype)
         self._local = threading.local()
 
     # -- inference ----------------------------------------------------------
@@ -112,8 +114,12 @@ class CpuBackend(Backend):
         xin = ws.xin[:n * self._sizes[0]].reshape(n, self._sizes[0]) if self._noise_std > 0 \
             else ws.xin.reshape(0, self._sizes[0])
         runtime.use_threads(n)
+        if y.ndim == 1:
+            labels, Y = y, self._no_targets
+        else:
+            labels, Y = self._no_labels, y
         loss, correct, sq = K.train_kernel(
-            X, y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
+            X, labels, Y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
             ws.d[:m], ws.t[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
             self._act_p, self._drop_p, self._drop_keys, self._noise_std, noise_key, self._out_kind,
             self._smoothing)

@@ -155,17 +155,6 @@ def _row_blocks(n, width):
     return (n + per - 1) // per, per
 
 
-@njit(**_PJIT)
-def dense_forward(H, W, b, Z, A, code, p):
-    """Z = H @ W.T + b and A = f(Z) (BLAS product, then one fused pass)."""
-    n = Z.shape[0]
-    for k in prange((n + BLOCK - 1) // BLOCK):
-        _dot_nt(H[k * BLOCK:min(n, (k + 1) * BLOCK)], W, Z[k * BLOCK:min(n, (k + 1) * BLOCK)])
-    nb, per = _row_blocks(n, Z.shape[1])
-    for k in prange(nb):
-        _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
-
-
 @njit(**_JIT)
 def _mlp_views(buf, n, sizes, layer):
     off = 0
@@ -314,9 +303,12 @@ def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
 
 
 @njit(**_PJIT)
-def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, tbuf, rowloss, rowcorrect, partials,
+def train_kernel(X, labels, Y, params, grads, xin, zbuf, abuf, hbuf, dbuf, tbuf, rowloss, rowcorrect, partials,
                  sizes, acts, act_p, drop_p, drop_keys, noise_std, noise_key, out_kind, smoothing):
-    """Training forward + backward. Fills ``grads`` and returns
+    """Training forward + backward on targets ``labels`` (int64 class labels,
+    softmax only) or, when ``labels`` is empty, ``Y`` (float, n × units) —
+    both always passed so one signature per dtype serves every loss.
+    Fills ``grads`` and returns
     (mean loss, correct, squared grad norm). ``xin`` (n×in) receives the noisy
     input when noise_std > 0; ``hbuf`` the dropped-out activations of layers
     with dropout. zbuf/abuf/hbuf/dbuf are laid out like ``_mlp_views``."""
@@ -368,10 +360,10 @@ def train_kernel(X, y, params, grads, xin, zbuf, abuf, hbuf, dbuf, tbuf, rowloss
     u = Zo.shape[1]
     inv = 1.0 / n if out_kind == 2 else 1.0 / (n * u)
     for i in prange(n):
-        if y.ndim == 1:
-            rl, rc = _loss_row_labels(Zo, y, Do, i, inv, smoothing)
+        if labels.shape[0] > 0:
+            rl, rc = _loss_row_labels(Zo, labels, Do, i, inv, smoothing)
         else:
-            rl, rc = _loss_row_targets(Zo, y, Do, i, inv, smoothing, out_kind)
+            rl, rc = _loss_row_targets(Zo, Y, Do, i, inv, smoothing, out_kind)
         rowloss[i] = rl
         rowcorrect[i] = rc
     Dot = _mlp_views_t(tbuf, n, sizes, L - 1)
