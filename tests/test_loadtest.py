@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -215,3 +216,26 @@ def test_flag_parsing():
     assert loadtest.parse_mix("predict=8,train-step=2") == {"predict": 8, "train-step": 2}
     with pytest.raises(Exception):
         loadtest.parse_mix("predikt=1")
+
+
+def test_ctrl_c_ends_the_run_early_and_still_deletes_the_models(server, tmp_path):
+    before = list_model_ids(server)
+    report = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.loadtest", "--target", server, "--call", "predict", "--models", "2",
+         "--concurrency", "2", "--duration", "60s", "--format", "json", "--output", str(report), *SMALL],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while list_model_ids(server) == before and time.monotonic() < deadline:
+            time.sleep(0.2)  # the run is on once its models exist
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    d = json.loads(report.read_text())
+    assert d["interrupted"] and d["count"] > 0 and d["total_s"] < 30
+    assert list_model_ids(server) == before
