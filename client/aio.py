@@ -14,7 +14,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import RETRYABLE, channel_options
+from .sync import RETRYABLE, channel_options, tls_credentials
 
 
 class AsyncClient:
@@ -22,13 +22,16 @@ class AsyncClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
                  backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 token: str | None = None, tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
+                 tls_key: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None):
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_message_bytes = int(max_message_mb * 1024 * 1024)
         options = channel_options(max_message_mb)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
         self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                          else grpc.aio.insecure_channel(target, options))
         self._stub = pb_grpc.TrainerStub(self._channel)
@@ -38,7 +41,8 @@ class AsyncClient:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return await rpc(request, timeout=self.timeout if timeout is None else timeout)
+                return await rpc(request, timeout=self.timeout if timeout is None else timeout,
+                                 metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -117,7 +121,7 @@ class AsyncRemoteModel:
     async def train_stream(self, batches, *, timeout: float | None = None):
         """Async generator of StepResults, one per (X, y) in ``batches``."""
         requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
-        async for resp in self.client._stub.TrainStream(requests, timeout=timeout):
+        async for resp in self.client._stub.TrainStream(requests, timeout=timeout, metadata=self.client._metadata):
             yield _wire.step_result(resp)
 
     async def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,

@@ -20,6 +20,22 @@ from ._wire import ModelInfo, StepResult
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
+def tls_credentials(ca=None, cert=None, key=None) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials from PEM paths or bytes (ca: the server's CA,
+    system roots when None; cert/key: a client certificate for mutual TLS);
+    None when none is given (plaintext)."""
+    if ca is None and cert is None and key is None:
+        return None
+
+    def pem(v):
+        if v is None or isinstance(v, bytes):
+            return v
+        with open(v, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(pem(ca), pem(key), pem(cert))
+
+
 def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
     limit = int(max_message_mb * 1024 * 1024)
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
@@ -39,13 +55,16 @@ class Client:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
                  backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 token: str | None = None, tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
+                 tls_key: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None):
         self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_message_bytes = int(max_message_mb * 1024 * 1024)
         options = channel_options(max_message_mb)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
         self._channel = (grpc.secure_channel(target, credentials, options) if credentials
                          else grpc.insecure_channel(target, options))
         self._stub = pb_grpc.TrainerStub(self._channel)
@@ -56,7 +75,7 @@ class Client:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return rpc(request, timeout=self.timeout if timeout is None else timeout)
+                return rpc(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -153,7 +172,7 @@ class RemoteModel:
         """Streams (X, y) batches through TrainStream; yields a StepResult
         per batch, in order, without a round trip per batch."""
         requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
-        for resp in self.client._stub.TrainStream(requests, timeout=timeout):
+        for resp in self.client._stub.TrainStream(requests, timeout=timeout, metadata=self.client._metadata):
             yield _wire.step_result(resp)
 
     def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,

@@ -2,6 +2,7 @@
 reflection; warm-up before SERVING; graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
 import threading
@@ -38,6 +39,10 @@ class ServerConfig:
     default_device: str = "cpu"
     grace_s: float = 10.0
     kernel_threads: int = 0  # 0: nnkernels' default (every Numba thread)
+    auth_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     warm_up: bool = True
 
 
@@ -52,6 +57,28 @@ def warm_up_kernels(kernel_threads: int = 0) -> tuple[float, str, dict]:
         raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
                            "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
     return seconds, layer, thread_config()
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuses Trainer calls without ``authorization: Bearer <token>``
+    (UNAUTHENTICATED). Health and reflection stay open for probes and grpcurl."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return continuation(details)
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected.encode()):
+            return continuation(details)
+        return self._deny_stream if details.method.endswith("/TrainStream") else self._deny_unary
 
 
 class GradServer:
@@ -86,20 +113,33 @@ class GradServer:
         options = [("grpc.max_receive_message_length", min(cap, 2**31 - 1)),
                    ("grpc.max_send_message_length", min(cap, 2**31 - 1)),
                    ("grpc.so_reuseport", 0)]
+        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
-                                   options=options)
+                                   options=options, interceptors=interceptors)
         pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            def read(path):
+                with open(path, "rb") as f:
+                    return f.read()
+            credentials = grpc.ssl_server_credentials(
+                [(read(cfg.tls_key), read(cfg.tls_cert))],
+                root_certificates=read(cfg.tls_client_ca) if cfg.tls_client_ca else None,
+                require_client_auth=bool(cfg.tls_client_ca))
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
-        log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d "
-                 "health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode, sync.lower(), cfg.workers)
+        log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
+                 "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
+                 sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
         if cfg.warm_up:
             seconds, layer, threads = warm_up_kernels(cfg.kernel_threads)
             log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "

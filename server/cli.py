@@ -33,7 +33,14 @@ SERVE_FLAGS = [
     ("grace-s", float, 10.0, "seconds in-flight calls get to finish at shutdown"),
     ("log-level", str, "info", "debug, info, warning, error"),
     ("log-format", str, "kv", "kv (key=value) or json"),
+    ("auth-token", str, "", "when set, every Trainer call must carry 'authorization: Bearer <token>' "
+                            "(health and reflection stay open); prefer the environment twin"),
+    ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
+    ("tls-key", str, "", "PEM private key for --tls-cert"),
+    ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
 ]
+CHOICES = {"durability": ("step", "interval"), "sqlite-sync": ("", "full", "normal"),
+           "log-format": ("kv", "json"), "log-level": ("debug", "info", "warning", "error")}
 
 
 def env_name(flag: str) -> str:
@@ -48,15 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, typ, default, help_ in SERVE_FLAGS:
         env = env_name(flag)
         value = os.environ.get(env)
+        shown = "(unset)" if flag == "auth-token" else default
         serve.add_argument(f"--{flag}", type=typ, default=typ(value) if value is not None else default,
-                           help=f"{help_} [env {env}; default {default}]")
+                           choices=CHOICES.get(flag), help=f"{help_} [env {env}; default {shown}]")
     return parser
 
 
 def config_from_args(args):
     from .app import ServerConfig
-    if args.durability not in ("step", "interval"):
-        raise SystemExit(f"gradserve: --durability must be step or interval, not {args.durability!r}")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        raise SystemExit("gradserve: --tls-cert and --tls-key go together; --tls-client-ca needs both")
     return ServerConfig(
         host=args.host, port=args.port, store=args.store,
         durability=Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds),
@@ -65,7 +73,8 @@ def config_from_args(args):
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers),
         default_device=args.default_device, grace_s=args.grace_s,
-        kernel_threads=args.kernel_threads)
+        kernel_threads=args.kernel_threads, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 
 def main(argv=None) -> int:

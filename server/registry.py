@@ -120,7 +120,7 @@ class ModelRegistry:
             self._checkpointer.start()
 
     def _checkpoint_loop(self) -> None:
-        period = min(1.0, self.durability.checkpoint_seconds / 2)
+        period = max(0.05, min(1.0, self.durability.checkpoint_seconds / 2))
         while not self._stop.wait(period):
             for handle in self.handles():
                 if handle.version != handle.saved_version and \

@@ -35,19 +35,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server.cli serve`` on a free port, logging to a file."""
+    """``python -m server.cli serve --port 0`` (any free port, read back from
+    its log), logging to a file; the start-up includes Numba's warm-up, which
+    can take minutes when the kernel cache is cold."""
 
-    def __init__(self, store: Path, *flags: str, env: dict | None = None, startup_timeout: float = 180):
+    def __init__(self, store: Path, *flags: str, env: dict | None = None, startup_timeout: float = 300):
         self.store = Path(store)
         self.log_path = self.store.with_suffix(f".{time.time_ns()}.log")
         self.flags = flags
-        self.port = free_port()
+        self.port = 0  # the server binds any free port (no race with other processes) and logs it
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
         environment.update(env or {})
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--store", str(self.store),
+            [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--store", str(self.store),
              *flags], cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_serving(startup_timeout)
 
@@ -61,7 +63,9 @@ class ServerProcess:
     def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if re.search(r"event=serving port=\d+", self.log()):
+            match = re.search(r"event=serving port=(\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
