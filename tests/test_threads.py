@@ -82,3 +82,21 @@ def test_thread_budget_is_validated():
     import pytest
     with pytest.raises(ValueError):
         nnkernels.set_thread_budget(0)
+
+
+def test_warm_up_reports_seconds_and_layer():
+    seconds, layer = nnkernels.warm_up(("float64",))
+    assert seconds >= 0 and layer == numba.threading_layer()
+
+
+def test_workqueue_layer_is_refused(monkeypatch):
+    import pytest
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    with pytest.raises(RuntimeError, match="workqueue"):
+        runtime.check_threading_layer()
+
+
+def test_small_batches_run_on_one_thread_and_large_on_the_budget():
+    assert runtime.threads_for(runtime.PARALLEL_MIN_ROWS - 1) == 1
+    assert runtime.threads_for(runtime.PARALLEL_MIN_ROWS) == runtime.thread_budget()
+    assert runtime.thread_config()["blas_threads"] == 1
