@@ -42,7 +42,7 @@ def _compile_ptx(cuda, fn, sig):
 
 
 EXPECTED = {
-    "linear_forward", "linear_backward_input", "linear_backward_weight", "bias_grad",
+    "linear_forward", "linear_backward_input", "linear_backward_weight",
     "add_noise", "output_activation", "loss_dense", "loss_labels", "reduce_rows",
     "sq_norm_partial", "sum_to_slot", "sgd_step", "adagrad_step", "rmsprop_step", "adam_step",
 }
@@ -69,15 +69,20 @@ def test_every_kernel_compiles_to_sm90_ptx(dtype):
 
 
 def test_float32_products_stay_float32():
-    """The float32 matrix products do their arithmetic in float32 (fp64 is
-    slow on most GPUs); only the dropout draw compares in float64, and the
-    bias gradient and reductions accumulate in float64 (as the reference)."""
+    """float32 optimizer passes do their arithmetic in float32 (fp64 is
+    slow on most GPUs), and the products' inner loops are float32 fma; only
+    the dropout draw, the fused bias gradient and the reductions use float64
+    (as the reference)."""
     cuda = _real_cuda()
     from nnkernels.cuda import kernels as K
     src = K.build_sources("float32", K.TILE, K.THREADS, K.REG)
-    for name in ("linear_backward_weight", "sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
+    for name in ("sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
         fn, sig = src[name]
         assert ".f64" not in _compile_ptx(cuda, fn, sig), name
+    for name in ("linear_forward", "linear_backward_input", "linear_backward_weight"):
+        fn, sig = src[name]
+        ptx = _compile_ptx(cuda, fn, sig)
+        assert ptx.count("fma.rn.f32") >= 16 and "fma.rn.f64" not in ptx, name
 
 
 def test_cuda_model_without_gpu_raises_device_unavailable():

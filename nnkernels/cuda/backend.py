@@ -237,8 +237,7 @@ class CudaBackend(Backend):
             a, b, fan_in, fan_out = self._offsets[i]
             dZ = ctx.dZ[i][:n]
             k.linear_backward_weight[k.grid_tiles(fan_out, fan_in), (k.tile, k.tile), s](
-                dZ, inputs[i], self._dW[i], n, fan_out, fan_in)
-            k.bias_grad[k.grid_1d(fan_out), k.threads, s](dZ, self._db[i], n, fan_out)
+                dZ, inputs[i], self._dW[i], self._db[i], n, fan_out, fan_in)
             if i > 0:
                 j = i - 1
                 k.linear_backward_input[k.grid_tiles(n, fan_in), (k.tile, k.tile), s](

@@ -283,11 +283,15 @@ def build_sources(dtype: str, tile: int, threads: int, reg: int):
                             d = d * dropout_factor(key, r * k + c, drop_p, drop_scale)
                         dZp[r, c] = d * act_deriv(Zp[r, c], act, p1)
 
-    def linear_backward_weight(dZ, A, dW, n, m, k):
-        """dW = dZᵀ·A (dZ: n×m, A: n×k, dW: m×k), reducing over the batch."""
+    def linear_backward_weight(dZ, A, dW, db, n, m, k):
+        """dW = dZᵀ·A (dZ: n×m, A: n×k, dW: m×k), reducing over the batch;
+        fused: db = Σ_rows dZ (the bias gradient, accumulated in float64 as
+        the reference does) by the first thread column of the blocks that
+        own output column 0, from the dZ slices already in shared memory."""
         sA = cuda.shared.array((BT, KP), T)
         sB = cuda.shared.array((BT, KP), T)
         acc = cuda.local.array((reg, reg), T)
+        bacc = cuda.local.array(reg, f64)
         av = cuda.local.array(reg, T)
         bv = cuda.local.array(reg, T)
         tx = cuda.threadIdx.x
@@ -299,8 +303,10 @@ def build_sources(dtype: str, tile: int, threads: int, reg: int):
             row0 = (t // tiles_k) * BT
             col0 = (t % tiles_k) * BT
             for i in range(reg):
+                bacc[i] = 0.0
                 for j in range(reg):
                     acc[i, j] = ZERO
+            bias_thread = col0 == 0 and tx == 0
             for r0 in range(0, n, KT):
                 for e in range(tid, BT * KT, NT):
                     # both operands are read along their rows (the batch is
@@ -322,6 +328,9 @@ def build_sources(dtype: str, tile: int, threads: int, reg: int):
                     for i in range(reg):
                         for j in range(reg):
                             acc[i, j] += av[i] * bv[j]
+                    if bias_thread:
+                        for i in range(reg):
+                            bacc[i] += f64(av[i])
                 cuda.syncthreads()
             for i in range(reg):
                 r = row0 + ty + i * tile
@@ -329,18 +338,8 @@ def build_sources(dtype: str, tile: int, threads: int, reg: int):
                     c = col0 + tx + j * tile
                     if r < m and c < k:
                         dW[r, c] = acc[i, j]
-
-    def bias_grad(dZ, db, n, m):
-        """db[c] = Σ_r dZ[r, c], accumulated in float64 (as the reference):
-        one thread per column (grid-stride), consecutive threads read
-        consecutive columns of a row."""
-        start = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        for c in range(start, m, stride):
-            acc = 0.0
-            for r in range(n):
-                acc += f64(dZ[r, c])
-            db[c] = T(acc)
+                if bias_thread and r < m:
+                    db[r] = T(bacc[i])
 
     # ---- elementwise ------------------------------------------------------
     def add_noise(X, Xn, n, k, std, key):
@@ -617,8 +616,7 @@ def build_sources(dtype: str, tile: int, threads: int, reg: int):
     sources = {
         "linear_forward": (linear_forward, (A2, A2, A1, A2, A2, i64, i64, i64, i64, T, u64, f64, T, i64)),
         "linear_backward_input": (linear_backward_input, (A2, A2, A2, A2, i64, i64, i64, i64, T, u64, f64, T)),
-        "linear_backward_weight": (linear_backward_weight, (A2, A2, A2, i64, i64, i64)),
-        "bias_grad": (bias_grad, (A2, A1, i64, i64)),
+        "linear_backward_weight": (linear_backward_weight, (A2, A2, A2, A1, i64, i64, i64)),
         "add_noise": (add_noise, (A2, A2, i64, i64, f64, u64)),
         "output_activation": (output_activation, (A2, A2, i64, i64, i64)),
         "loss_dense": (loss_dense, (A2, A2, A2, F1, F1, i64, i64, i64, f64, f64)),

@@ -1,4 +1,5 @@
-"""The three matrix-product kernels alone, against NumPy, on shapes that are
+"""The three matrix-product kernels (and the bias gradient fused into the
+weight gradient) alone, against NumPy, on shapes that are
 not multiples of the block tile (and larger than one tile, so the
 grid-stride loop over tiles runs), in both dtypes."""
 import numpy as np
@@ -37,5 +38,7 @@ def test_products_match_numpy(n, k, m, dtype):
     np.testing.assert_allclose(dAp.copy_to_host(), dZ.astype(np.float64) @ W.astype(np.float64), **tol)
     # weight gradient
     dWg = cuda.device_array((m, k), dtype)
-    ks.linear_backward_weight[ks.grid_tiles(m, k), blk](ddZ, dA, dWg, n, m, k)
+    dbg = cuda.device_array(m, dtype)
+    ks.linear_backward_weight[ks.grid_tiles(m, k), blk](ddZ, dA, dWg, dbg, n, m, k)
     np.testing.assert_allclose(dWg.copy_to_host(), dZ.T.astype(np.float64) @ A.astype(np.float64), **tol)
+    np.testing.assert_allclose(dbg.copy_to_host(), dZ.astype(np.float64).sum(axis=0), **tol)
