@@ -18,6 +18,7 @@ from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from .limits import Limits
+from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
 from .servicer import TrainerServicer
 from .store import SqliteStore
@@ -40,6 +41,7 @@ class ServerConfig:
     grace_s: float = 10.0
     kernel_threads: int = 0  # 0: nnkernels' default (every Numba thread)
     auth_token: str = ""
+    metrics_port: int = -1  # -1: off; 0: any free port
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
@@ -94,6 +96,8 @@ class GradServer:
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None
+        self.metrics = Metrics()
+        self._metrics_http = None
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -106,14 +110,17 @@ class GradServer:
         self.store = SqliteStore(cfg.store, synchronous=sync)
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
-        self.servicer = TrainerServicer(self.registry)
+        self.servicer = TrainerServicer(self.registry, self.metrics)
+        self.metrics.models = lambda: len(self.registry.handles())
         # grpc's own cap sits above ours so the servicer can refuse oversize
         # requests with a message naming --max-message-mb; beyond it grpc refuses.
         cap = 2 * cfg.limits.max_message_bytes + 1024 * 1024
         options = [("grpc.max_receive_message_length", min(cap, 2**31 - 1)),
                    ("grpc.max_send_message_length", min(cap, 2**31 - 1)),
                    ("grpc.so_reuseport", 0)]
-        interceptors = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+        interceptors = [MetricsInterceptor(self.metrics)]
+        if cfg.auth_token:
+            interceptors.append(BearerTokenInterceptor(cfg.auth_token))
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
                                    options=options, interceptors=interceptors)
         pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
@@ -137,6 +144,9 @@ class GradServer:
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
+        if cfg.metrics_port >= 0:
+            self._metrics_http = serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
+            log.info("event=metrics url=http://%s:%d/metrics", cfg.host, self._metrics_http.server_port)
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
                  "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
                  sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
@@ -161,6 +171,8 @@ class GradServer:
             self._server.stop(self.config.grace_s).wait()
         if self.servicer is not None:
             self.servicer.ready.clear()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
         if self.registry is not None:
             written = self.registry.close()
             log.info("event=checkpointed models=%d", written)

@@ -33,6 +33,7 @@ SERVE_FLAGS = [
     ("grace-s", float, 10.0, "seconds in-flight calls get to finish at shutdown"),
     ("log-level", str, "info", "debug, info, warning, error"),
     ("log-format", str, "kv", "kv (key=value) or json"),
+    ("metrics-port", int, -1, "serve Prometheus metrics on http://HOST:PORT/metrics (-1: off; 0: any free port)"),
     ("auth-token", str, "", "when set, every Trainer call must carry 'authorization: Bearer <token>' "
                             "(health and reflection stay open); prefer the environment twin"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
@@ -73,7 +74,7 @@ def config_from_args(args):
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers),
         default_device=args.default_device, grace_s=args.grace_s,
-        kernel_threads=args.kernel_threads, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
 

@@ -42,8 +42,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, metrics=None):
         self.registry = registry
+        self.metrics = metrics
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
 
     # -- plumbing -------------------------------------------------------------
@@ -78,6 +79,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         handle = self.registry.get(request.model_id)
         X, y = self._batch(request)
         r = self.registry.train_step(handle, X, y)
+        if self.metrics is not None:
+            self.metrics.step()
         resp = pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
         if r.accuracy is not None:
             resp.accuracy = r.accuracy

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The shared server's limits are small enough to test against and large
 # enough for every other test (784-512-256-10 has 535,818 parameters).
 SHARED_FLAGS = ["--max-layers", "8", "--max-params", "1000000", "--max-batch-rows", "20000",
-                "--max-message-mb", "8", "--workers", "8"]
+                "--max-message-mb", "8", "--workers", "8", "--metrics-port", "0"]
 
 
 def free_port() -> int:

@@ -169,3 +169,19 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
         assert {m.name for m in service.methods} == {
             "CreateModel", "TrainStep", "Predict", "GetGradients", "GetModel", "ListModels", "DeleteModel",
             "GetWeights", "SetWeights", "SaveModel", "TrainStream"}
+
+
+def test_prometheus_metrics_count_calls_steps_and_models(server, client):
+    import re
+    import urllib.request
+    remote = client.create_model(**SPEC)
+    remote.train_step(*batches(1)[0])
+    with pytest.raises(grpc.RpcError):
+        client.get_model("not-there")
+    url = re.search(r"event=metrics url=(\S+)", server.log()).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert re.search(r'gradserve_requests_total\{method="TrainStep",code="OK"\} [1-9]', text)
+    assert re.search(r'gradserve_request_seconds_count\{method="CreateModel"\} [1-9]', text)
+    assert re.search(r'gradserve_requests_total\{method="GetModel",code="NOT_FOUND"\} [1-9]', text)
+    assert re.search(r"gradserve_train_steps_total [1-9]", text)
+    assert re.search(r"gradserve_models [1-9]", text)
