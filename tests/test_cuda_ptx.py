@@ -23,11 +23,20 @@ def _real_cuda():
     return numba_cuda
 
 
+_SOURCES = []
+
+
 def _sources():
     from nnkernels.cuda import kernels as K
-    return [(dt, name, fn, sig)
+    if _SOURCES:
+        return _SOURCES
+    _SOURCES[:] = [(dt, name, fn, sig)
             for dt in ("float32", "float64")
             for name, (fn, sig) in K.build_sources(dt, K.TILE, K.THREADS, K.REG).items()]
+    return _SOURCES
+
+
+_PTX = {}
 
 
 def _compile_ptx(cuda, fn, sig):
@@ -35,10 +44,14 @@ def _compile_ptx(cuda, fn, sig):
     rng.uniform01/box_muller) are compiled for "the current device" when a
     kernel calls them; with no GPU there is none, so say it is a compute
     capability 9.0 device (what we target)."""
+    key = (fn, str(sig))  # build_sources makes new functions per call: key on both
+    if key in _PTX:
+        return _PTX[key]
     import numba.cuda.dispatcher as dispatcher
     fake_device = pytypes.SimpleNamespace(compute_capability=(9, 0))
     with mock.patch.object(dispatcher, "get_current_device", lambda: fake_device):
-        return cuda.compile_ptx(fn, sig.args, cc=(9, 0))[0]
+        ptx = _PTX[key] = cuda.compile_ptx(fn, sig.args, cc=(9, 0))[0]
+    return ptx
 
 
 EXPECTED = {
@@ -74,8 +87,7 @@ def test_float32_products_stay_float32():
     the dropout draw, the fused bias gradient and the reductions use float64
     (as the reference)."""
     cuda = _real_cuda()
-    from nnkernels.cuda import kernels as K
-    src = K.build_sources("float32", K.TILE, K.THREADS, K.REG)
+    src = {name: (fn, sig) for dt, name, fn, sig in _sources() if dt == "float32"}
     for name in ("sgd_step", "adam_step", "rmsprop_step", "adagrad_step"):
         fn, sig = src[name]
         assert ".f64" not in _compile_ptx(cuda, fn, sig), name

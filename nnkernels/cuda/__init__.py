@@ -70,3 +70,14 @@ def is_available() -> bool:
         return bool(numba_cuda.is_available())
     except Exception:  # a broken driver install reports as "no GPU", not a crash
         return False
+
+
+def warm_up(dtypes=("float32", "float64")) -> None:
+    """Compile every CUDA kernel for ``dtypes`` now (about a second per
+    kernel and dtype on a GPU; nothing to do under the simulator). A server
+    calls this before it reports ready, so the first request does not pay
+    for compilation and no two threads race to compile one kernel. The
+    first CudaBackend of a dtype does the same for that dtype."""
+    from .kernels import kernels_for
+    for dtype in dtypes:
+        kernels_for(dtype)

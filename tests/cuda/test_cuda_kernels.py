@@ -42,3 +42,11 @@ def test_products_match_numpy(n, k, m, dtype):
     ks.linear_backward_weight[ks.grid_tiles(m, k), blk](ddZ, dA, dWg, dbg, n, m, k)
     np.testing.assert_allclose(dWg.copy_to_host(), dZ.T.astype(np.float64) @ A.astype(np.float64), **tol)
     np.testing.assert_allclose(dbg.copy_to_host(), dZ.astype(np.float64).sum(axis=0), **tol)
+
+
+def test_warm_up_builds_both_dtypes():
+    from nnkernels.cuda import warm_up
+    from nnkernels.cuda.kernels import _KERNELS
+    warm_up()
+    assert {"float32", "float64"} <= set(_KERNELS)
+    assert all(ks._compiled for ks in _KERNELS.values())
