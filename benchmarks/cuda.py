@@ -91,6 +91,11 @@ def main(argv=None) -> int:
     numba_cuda, torch = check_environment()
     import numpy as np
 
+    from nnkernels.cuda import warm_up
+    t0 = time.perf_counter()
+    warm_up((args.dtype,))  # compile every kernel before any timing
+    print(f"compiled the CUDA kernels in {time.perf_counter() - t0:.1f} s")
+
     import numba
     from nnkernels import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec
     from nnkernels.model import Model
@@ -99,7 +104,12 @@ def main(argv=None) -> int:
     tdtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     print(f"GPU: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name} "
           f"(compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})")
-    print(f"numba {numba.__version__}, numba-cuda {getattr(numba_cuda, '__version__', '?')}, "
+    try:
+        from importlib.metadata import version
+        nc_version = version("numba-cuda")
+    except Exception:
+        nc_version = "?"
+    print(f"numba {numba.__version__}, numba-cuda {nc_version}, "
           f"torch {torch.__version__} (CUDA {torch.version.cuda}), "
           f"torch fp32 matmul TF32={torch.backends.cuda.matmul.allow_tf32}")
     print(f"dtype {args.dtype}, Adam, relu hidden layers, softmax + cross entropy; "
