@@ -14,7 +14,7 @@ Imported by ``nnkernels/__init__.py`` before anything imports numba:
   different bits with different thread counts (seen: a concurrent run
   diverged from a sequential one). So SciPy's OpenBLAS (the one Numba's
   ``np.dot`` calls; NumPy's own copy is untouched) is set to ONE thread, and
-  the kernels parallelize the products themselves: fixed 64-row blocks, one
+  the kernels parallelize the products themselves: fixed 128-row blocks, one
   single-threaded BLAS call per block inside a prange. Results are then
   bit-identical whatever the thread count or concurrency. Each call sets the
   calling thread's Numba thread count (``numba.set_num_threads``): one
