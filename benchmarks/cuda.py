@@ -45,8 +45,8 @@ def die(msg: str) -> None:
     sys.exit(2)
 
 
-def check_environment():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+def check_environment(smoke: bool):
+    if not smoke and os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         die("NUMBA_ENABLE_CUDASIM is set: the simulator is for correctness tests, not timings; unset it")
     try:
         from nnkernels.cuda import is_available, numba_cuda
@@ -61,7 +61,7 @@ def check_environment():
         import torch
     except ImportError:
         die("PyTorch is not installed: pip install 'gradserve[bench]' (a CUDA build)")
-    if not torch.cuda.is_available():
+    if not smoke and not torch.cuda.is_available():
         die(f"this PyTorch ({torch.__version__}) cannot use the GPU (a CPU-only build?); "
             "install a CUDA build of torch to compare against")
     return numba_cuda, torch
@@ -86,9 +86,17 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20, help="timed calls per case (median reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation, allocation)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--smoke", action="store_true",
+                    help="check this script itself: tiny networks, PyTorch on the CPU, allowed under the "
+                         "CUDA simulator (NUMBA_ENABLE_CUDASIM=1); the numbers mean nothing")
     args = ap.parse_args(argv)
 
-    numba_cuda, torch = check_environment()
+    numba_cuda, torch = check_environment(args.smoke)
+    networks, batches, tdev = NETWORKS, BATCHES, "cuda"
+    if args.smoke:
+        networks, batches, tdev = [(5, 4, 3)], [3], "cpu"
+        args.iters, args.warmup = 2, 1
+    tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     import numpy as np
 
     from nnkernels.cuda import warm_up
@@ -101,9 +109,12 @@ def main(argv=None) -> int:
     from nnkernels.model import Model
 
     dev = numba_cuda.get_current_device()
+    cc = getattr(dev, "compute_capability", ("?", "?"))
+    gpu = getattr(dev, "name", "CUDA simulator")
+    gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
     tdtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    print(f"GPU: {dev.name.decode() if isinstance(dev.name, bytes) else dev.name} "
-          f"(compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})")
+    print(f"GPU: {gpu} "
+          f"(compute capability {cc[0]}.{cc[1]})")
     try:
         from importlib.metadata import version
         nc_version = version("numba-cuda")
@@ -120,7 +131,7 @@ def main(argv=None) -> int:
     print("-" * len(header))
 
     rng = np.random.default_rng(0)
-    for sizes in NETWORKS:
+    for sizes in networks:
         spec = ModelSpec(input_size=sizes[0],
                          hidden=tuple(LayerSpec(u, "relu") for u in sizes[1:-1]),
                          output=OutputSpec(sizes[-1], "softmax"),
@@ -135,7 +146,7 @@ def main(argv=None) -> int:
             layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
             if i < len(sizes) - 2:
                 layers.append(torch.nn.ReLU())
-        net = torch.nn.Sequential(*layers).to(device="cuda", dtype=tdtype)
+        net = torch.nn.Sequential(*layers).to(device=tdev, dtype=tdtype)
         weights = model.get_weights()
         with torch.no_grad():
             for i, lin in enumerate(l for l in net if isinstance(l, torch.nn.Linear)):
@@ -144,7 +155,7 @@ def main(argv=None) -> int:
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
 
-        for batch in BATCHES:
+        for batch in batches:
             X = rng.standard_normal((batch, sizes[0])).astype(args.dtype)
             y = rng.integers(0, sizes[-1], batch).astype(np.int64)
 
@@ -155,8 +166,8 @@ def main(argv=None) -> int:
                 model.predict(X)
 
             def torch_train():
-                xb = torch.from_numpy(X).cuda(non_blocking=False)
-                yb = torch.from_numpy(y).cuda(non_blocking=False)
+                xb = torch.from_numpy(X).to(tdev)
+                yb = torch.from_numpy(y).to(tdev)
                 opt.zero_grad(set_to_none=True)
                 logits = net(xb)
                 loss = loss_fn(logits, yb)
@@ -166,17 +177,18 @@ def main(argv=None) -> int:
 
             def torch_predict():
                 with torch.no_grad():
-                    xb = torch.from_numpy(X).cuda(non_blocking=False)
+                    xb = torch.from_numpy(X).to(tdev)
                     torch.softmax(net(xb), dim=1).cpu().numpy()
 
             name = "-".join(map(str, sizes))
             for what, ours, theirs in (("train", ours_train, torch_train), ("predict", ours_predict, torch_predict)):
                 t_ours = timed(ours, args.warmup, args.iters, numba_cuda.synchronize)
-                t_torch = timed(theirs, args.warmup, args.iters, torch.cuda.synchronize)
+                t_torch = timed(theirs, args.warmup, args.iters, tsync)
                 print(f"{name:<20} {batch:>6} {what:<8} {batch / t_ours:>13,.0f} {batch / t_torch:>13,.0f} "
                       f"{t_torch / t_ours:>6.2f}x", flush=True)
         del model, net, opt
-        torch.cuda.empty_cache()
+        if tdev == "cuda":
+            torch.cuda.empty_cache()
     print()
     print("ratio = gradserve samples/s ÷ PyTorch samples/s (> 1: gradserve is faster)")
     return 0
