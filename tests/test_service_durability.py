@@ -137,3 +137,21 @@ def test_save_model_forces_a_checkpoint_under_interval_durability(tmp_path):
             assert_matches_replay(c.get_model("saved"), 4)
     finally:
         restarted.stop()
+
+
+def test_interval_durability_commits_a_changed_model_after_checkpoint_seconds(tmp_path):
+    store = tmp_path / "g.db"
+    flags = ("--durability", "interval", "--checkpoint-steps", "1000", "--checkpoint-seconds", "0.5")
+    proc = ServerProcess(store, *flags)
+    with Client(proc.target, timeout=30) as c:
+        remote = c.create_model(**SPEC, model_id="timed")
+        for k in range(3):
+            remote.train_step(*batch(k))
+        time.sleep(2.0)  # the background checkpointer's turn
+    proc.kill()
+    restarted = ServerProcess(store, *flags)
+    try:
+        with Client(restarted.target, timeout=30) as c:
+            assert_matches_replay(c.get_model("timed"), 3)
+    finally:
+        restarted.stop()

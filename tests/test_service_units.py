@@ -116,3 +116,15 @@ def test_every_flag_has_an_environment_twin(monkeypatch):
     assert cfg.limits.max_message_mb == 16 and cfg.limits.max_models == 3
     cfg = config_from_args(build_parser().parse_args(["serve", "--port", "7000"]))
     assert cfg.port == 7000  # the flag wins over the variable
+
+
+def test_console_script_is_installed_with_the_serve_command():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = shutil.which("gradserve", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the project is not pip-installed in this environment")
+    out = subprocess.run([script, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "GRADSERVE_MAX_MESSAGE_MB" in out.stdout
