@@ -19,6 +19,7 @@ serialize on the legacy default stream.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -27,8 +28,18 @@ import numpy as np
 from .. import rng
 from ..backend import Backend
 from ..spec import ModelSpec
-from . import numba_cuda as cuda
+from . import SIMULATOR, numba_cuda as cuda
 from .kernels import ACTIVATION_CODES, LOSS_CE, LOSS_CODES, OUTPUT_CODES, kernels_for
+
+# The simulator is not thread-safe (a launch configures the shared kernel
+# object, and blocks run as Python threads): under it, every backend call in
+# the process takes this lock. On a GPU calls run concurrently.
+_SIM_LOCK = threading.RLock()
+
+
+def _serialized():
+    return _SIM_LOCK if SIMULATOR else contextlib.nullcontext()
+
 
 def state_names(spec: ModelSpec) -> tuple[str, ...]:
     """The optimizer state buffers this spec keeps (torch keeps a buffer only
@@ -158,6 +169,10 @@ class CudaBackend(Backend):
 
     # -- Backend -----------------------------------------------------------
     def forward(self, X: np.ndarray, logits: bool = False) -> np.ndarray:
+        with _serialized():
+            return self._forward(X, logits)
+
+    def _forward(self, X: np.ndarray, logits: bool = False) -> np.ndarray:
         n = X.shape[0]
         ctx = self._acquire()
         try:
@@ -183,6 +198,10 @@ class CudaBackend(Backend):
             self._release(ctx)
 
     def loss_and_grads(self, X: np.ndarray, y: np.ndarray, step: int) -> tuple[float, int, float]:
+        with _serialized():
+            return self._loss_and_grads(X, y, step)
+
+    def _loss_and_grads(self, X: np.ndarray, y: np.ndarray, step: int) -> tuple[float, int, float]:
         k, ctx, spec = self.k, self._train, self.spec
         n = X.shape[0]
         ctx.ensure(n)
@@ -257,6 +276,10 @@ class CudaBackend(Backend):
         k.sum_to_slot[1, k.threads, s](self.d_partial, blocks, self.d_scalars, 2)
 
     def step(self, lr: float, t: int, grad_scale: float) -> None:
+        with _serialized():
+            return self._step(lr, t, grad_scale)
+
+    def _step(self, lr: float, t: int, grad_scale: float) -> None:
         k, o, T = self.k, self.spec.optimizer, self._T
         s = self._train.stream
         P = self.num_params

@@ -249,3 +249,18 @@ def test_set_params_and_state_round_trip():
         be.set_state({"exp_avg": st["exp_avg"]})
     with pytest.raises(ValueError):
         be.set_params(new[:-1])
+
+
+def test_concurrent_predictions_match_serial():
+    """forward from several threads at once (each borrows its own stream and
+    workspaces; under the simulator the calls are serialized) gives what
+    one thread gets, for batches of different sizes."""
+    from concurrent.futures import ThreadPoolExecutor
+    spec = make_spec("float64")
+    params = init_params(spec)
+    be = CudaBackend(spec, params)
+    batches = [batch(spec, n, seed=n)[0] for n in (1, 3, 6, 2)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(be.forward, batches * 2))
+    for X, out in zip(batches * 2, got):
+        close(out, ref.predict(spec, params, X), "float64")
