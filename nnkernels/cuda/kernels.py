@@ -12,10 +12,13 @@ thread accumulating ``reg``×``reg`` outputs in registers from shared-memory
 tiles; every kernel loops grid-stride (over output tiles, rows
 or elements), so results do not depend on how many blocks are launched. Under
 the simulator (one Python thread per simulated thread) the backend launches
-tiny blocks (``SIM_TILE``, ``SIM_THREADS``); on a GPU ``TILE``/``THREADS``.
+tiny blocks (``SIM_TILE``/``SIM_REG``/``SIM_THREADS``: partial tiles at
+test sizes); on a GPU ``TILE``/``REG``/``THREADS``, which the PTX test
+compiles.
 
 Numerics: products accumulate in the model's dtype (as cuBLAS does for
-fp32 without TF32); losses, accuracy counts and the squared gradient norm are
+fp32 without TF32); bias gradients (fused into the weight-gradient
+product), losses, accuracy counts and the squared gradient norm are
 accumulated in float64, and the two-stage reductions are deterministic (no
 atomics). Random draws for dropout and input noise are ``nnkernels.rng``'s
 counter-based SplitMix64 compiled as device functions, so the GPU draws the
