@@ -216,7 +216,11 @@ class ModelRegistry:
                     state = handle.model.state_dict()
                     version = handle.version
                 # predictions may run while the state is written
-                self.store.save(handle.model_id, handle.spec.to_dict(), handle.created, state)
+                try:
+                    self.store.save(handle.model_id, handle.spec.to_dict(), handle.created, state)
+                except Exception:
+                    self._restore_committed(handle)
+                    raise
                 handle.saved_version = version
                 handle.saved_at = time.monotonic()
             return result
@@ -228,6 +232,19 @@ class ModelRegistry:
         if due:
             self.checkpoint(handle)
         return result
+
+    def _restore_committed(self, handle: ModelHandle) -> None:
+        """After a failed commit under ``step`` durability: put the model back
+        at its last committed state, so an unacknowledged step is not kept.
+        (The caller holds save_lock, so no other mutation came in between.)"""
+        log.error("event=commit_failed model_id=%s action=restore_last_commit", handle.model_id)
+        try:
+            stored = self.store.load(handle.model_id)
+            with handle.lock.write():
+                handle.model.load_state_dict(stored.state)
+                handle.version = handle.saved_version
+        except Exception:
+            log.exception("event=restore_failed model_id=%s", handle.model_id)
 
     def train_step(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray):
         self.limits.check_rows(len(X))

@@ -128,3 +128,26 @@ def test_console_script_is_installed_with_the_serve_command():
         pytest.skip("the project is not pip-installed in this environment")
     out = subprocess.run([script, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "GRADSERVE_MAX_MESSAGE_MB" in out.stdout
+
+
+def test_failed_commit_under_step_durability_leaves_the_model_at_its_last_commit(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.db"))
+    registry = ModelRegistry(store, durability=Durability("step"))
+    handle, _ = registry.create(SPEC)
+    X, y = np.ones((2, 3), np.float32), np.array([0, 1])
+    registry.train_step(handle, X, y)
+    before = handle.model.get_weights()
+    real_save = store.save
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    store.save = failing_save
+    with pytest.raises(OSError):
+        registry.train_step(handle, X, y)
+    store.save = real_save
+    assert handle.model.step == 1
+    for name, w in handle.model.get_weights().items():
+        np.testing.assert_array_equal(w, before[name])
+    assert registry.train_step(handle, X, y).step == 2
+    store.close()
