@@ -48,17 +48,27 @@ class ServerConfig:
     warm_up: bool = True
 
 
-def warm_up_kernels(kernel_threads: int = 0) -> tuple[float, str, dict]:
-    """Compiles (or loads from cache) every CPU kernel; refuses a threading
-    layer that aborts under concurrent callers."""
-    from nnkernels import set_thread_budget, thread_config, warm_up
+def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
+    """Compiles (or loads from cache) every CPU kernel, and every CUDA kernel
+    when a GPU is usable, so no request waits for (or races on) a compile;
+    refuses a threading layer that aborts under concurrent callers, and a
+    default device this process cannot use."""
+    from nnkernels import available_devices, set_thread_budget, thread_config, warm_up
+    devices = available_devices()
+    if default_device not in devices:
+        raise RuntimeError(f"--default-device {default_device!r} is not usable here "
+                           f"(available: {', '.join(devices)})")
     if kernel_threads:
         set_thread_budget(kernel_threads)
-    seconds, layer = warm_up()
+    t0 = time.perf_counter()
+    _, layer = warm_up()
     if layer == "workqueue":
         raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
                            "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
-    return seconds, layer, thread_config()
+    if "cuda" in devices:
+        from nnkernels.cuda import warm_up as warm_up_cuda
+        warm_up_cuda()
+    return time.perf_counter() - t0, layer, thread_config()
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -151,7 +161,7 @@ class GradServer:
                  "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
                  sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
         if cfg.warm_up:
-            seconds, layer, threads = warm_up_kernels(cfg.kernel_threads)
+            seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
             log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
                      "blas_per_thread_control=%s", seconds, layer, threads.get("budget"),
                      threads.get("numba_num_threads"), threads.get("blas_per_thread_control"))

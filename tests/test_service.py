@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 import pytest
 
-from nnkernels import Model, ModelSpec
+from nnkernels import Model, ModelSpec, available_devices
 from service_fixtures import client, server  # noqa: F401  (fixtures)
 
 SPEC = dict(input_size=6, hidden=[{"units": 16, "activation": "tanh"}, {"units": 8, "activation": "relu"}],
@@ -185,3 +185,12 @@ def test_prometheus_metrics_count_calls_steps_and_models(server, client):
     assert re.search(r'gradserve_requests_total\{method="GetModel",code="NOT_FOUND"\} [1-9]', text)
     assert re.search(r"gradserve_train_steps_total [1-9]", text)
     assert re.search(r"gradserve_models [1-9]", text)
+
+
+@pytest.mark.skipif("cuda" in available_devices(), reason="a GPU is usable here: cuda is a valid default")
+def test_server_asked_for_an_unusable_default_device_refuses_to_start(tmp_path):
+    from service_fixtures import ServerProcess
+    with pytest.raises(RuntimeError) as refused:
+        ServerProcess(tmp_path / "gradserve.db", "--default-device", "cuda", startup_timeout=120)
+    message = str(refused.value)
+    assert "exited with" in message and "--default-device 'cuda' is not usable here" in message
