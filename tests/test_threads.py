@@ -100,3 +100,28 @@ def test_small_batches_run_on_one_thread_and_large_on_the_budget():
     assert runtime.threads_for(runtime.PARALLEL_MIN_ROWS - 1) == 1
     assert runtime.threads_for(runtime.PARALLEL_MIN_ROWS) == runtime.thread_budget()
     assert runtime.thread_config()["blas_threads"] == 1
+
+
+def test_concurrent_kernel_calls_share_the_thread_budget():
+    rows = runtime.PARALLEL_MIN_ROWS
+    budget = runtime.thread_budget()
+    started, release = threading.Event(), threading.Event()
+
+    def hold_a_call():
+        with runtime.kernel_threads(rows):
+            started.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_a_call)
+    holder.start()
+    try:
+        assert started.wait(10)
+        with runtime.kernel_threads(rows) as share:
+            assert share == max(1, budget // 2)
+            assert numba.get_num_threads() == share
+    finally:
+        release.set()
+        holder.join()
+    with runtime.kernel_threads(rows) as alone:
+        assert alone == budget
+        assert numba.get_num_threads() == budget

@@ -60,6 +60,7 @@ class CpuBackend(Backend):
         self._opt_code = K.OPT_CODES[opt.name]
         self._coef = np.zeros(12, self.dtype)
         self._sizes = np.array(spec.layer_sizes, np.int64)
+        self._width = sum(spec.layer_sizes[1:])  # activations per row, all layers
         nh = len(spec.hidden)
         self._acts = np.array([K.ACT_CODES[l.activation] for l in spec.hidden] + [0], np.int64)
         self._act_p = np.array([layer_param(l) for l in spec.hidden] + [0.0], np.float64)
@@ -78,7 +79,7 @@ class CpuBackend(Backend):
     def _forward_buffers(self, n: int):
         """Per-thread Z/A buffers (grown, never shrunk) so concurrent
         forward calls never share memory."""
-        need = n * int(self._sizes[1:].sum())
+        need = n * self._width
         bufs = getattr(self._local, "bufs", None)
         if bufs is None or bufs[0].shape[0] < need:
             bufs = (np.empty(need, self.dtype), np.empty(need, self.dtype))
@@ -89,9 +90,9 @@ class CpuBackend(Backend):
         n = X.shape[0]
         z, a = self._forward_buffers(n)
         out = np.empty((n, self.spec.output.units), self.dtype)
-        runtime.use_threads(n)
-        K.forward_kernel(X, self.params, z, a, self._sizes, self._acts, self._act_p,
-                         self._out_kind, bool(logits), out)
+        with runtime.kernel_threads(n):
+            K.forward_kernel(X, self.params, z, a, self._sizes, self._acts, self._act_p,
+                             self._out_kind, bool(logits), out)
         return out
 
     # -- training -----------------------------------------------------------
@@ -109,20 +110,19 @@ class CpuBackend(Backend):
             self._drop_keys[i] = rng.stream_key(spec.seed, step, rng.dropout_stream(i)) \
                 if spec.hidden[i].dropout > 0 else 0
         noise_key = np.uint64(rng.stream_key(spec.seed, step, rng.NOISE_STREAM))
-        per_row = int(self._sizes[1:].sum())
-        m = n * per_row
+        m = n * self._width
         xin = ws.xin[:n * self._sizes[0]].reshape(n, self._sizes[0]) if self._noise_std > 0 \
             else ws.xin.reshape(0, self._sizes[0])
-        runtime.use_threads(n)
         if y.ndim == 1:
             labels, Y = y, self._no_targets
         else:
             labels, Y = self._no_labels, y
-        loss, correct, sq = K.train_kernel(
-            X, labels, Y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
-            ws.d[:m], ws.t[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
-            self._act_p, self._drop_p, self._drop_keys, self._noise_std, noise_key, self._out_kind,
-            self._smoothing)
+        with runtime.kernel_threads(n):
+            loss, correct, sq = K.train_kernel(
+                X, labels, Y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
+                ws.d[:m], ws.t[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
+                self._act_p, self._drop_p, self._drop_keys, self._noise_std, noise_key, self._out_kind,
+                self._smoothing)
         return float(loss), int(correct), float(sq)
 
     def _coefficients(self, lr: float, t: int, grad_scale: float) -> np.ndarray:
@@ -146,9 +146,9 @@ class CpuBackend(Backend):
 
     def step(self, lr, t, grad_scale):
         coef = self._coefficients(lr, t, grad_scale)
-        runtime.use_threads(self.params.shape[0] // 2048)
-        K.optimizer_kernel(self._opt_code, self.params, self.grads, self._slots[0], self._slots[1],
-                           self._slots[2], coef, int(t))
+        with runtime.kernel_threads(self.params.shape[0] // 2048):
+            K.optimizer_kernel(self._opt_code, self.params, self.grads, self._slots[0], self._slots[1],
+                               self._slots[2], coef, int(t))
 
     # -- transfer -----------------------------------------------------------
     def get_params(self):
