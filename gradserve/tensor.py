@@ -73,7 +73,8 @@ def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if any(d < 0 for d in shape):
         raise TensorError(field, f"negative dimension in shape {list(shape)}")
     count = math.prod(shape)
-    if len(msg.data) != count * dtype.itemsize:
-        raise TensorError(field, f"data has {len(msg.data)} bytes but shape {list(shape)} of "
+    data = msg.data  # each read of a bytes field makes a new copy (upb): read it once
+    if len(data) != count * dtype.itemsize:
+        raise TensorError(field, f"data has {len(data)} bytes but shape {list(shape)} of "
                           f"{dtype.name} needs {count * dtype.itemsize}")
-    return np.frombuffer(msg.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
