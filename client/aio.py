@@ -14,27 +14,13 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import RETRYABLE, channel_options, tls_credentials
+from .sync import RETRYABLE, _Connection
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """The grpc.aio twin of ``Client`` (same arguments); use ``async with``."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
-                 backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
-                 token: str | None = None, tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
-                 tls_key: str | bytes | None = None, credentials: grpc.ChannelCredentials | None = None):
-        self.target = target
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_message_bytes = int(max_message_mb * 1024 * 1024)
-        options = channel_options(max_message_mb)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
-        self._channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
-                         else grpc.aio.insecure_channel(target, options))
-        self._stub = pb_grpc.TrainerStub(self._channel)
+    _grpc = grpc.aio
 
     async def _call(self, method: str, request, timeout: float | None = None):
         rpc = getattr(self._stub, method)

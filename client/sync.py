@@ -41,17 +41,12 @@ def channel_options(max_message_mb: float) -> list[tuple[str, Any]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
-class Client:
-    """A connection to a gradserve server.
+class _Connection:
+    """What Client and AsyncClient share: the channel (plaintext or TLS),
+    the bearer token, deadlines, retries and the message size limit.
+    ``_grpc`` is the module that makes channels (grpc or grpc.aio)."""
 
-    ``timeout``: default deadline in seconds for each unary call (None: no
-    deadline; streams default to none). ``retries``: how many times a call
-    that failed with UNAVAILABLE is tried again, after exponential back-off
-    (``backoff`` seconds, doubling, with jitter) — UNAVAILABLE means the
-    request did not reach a serving server, so a retry does not repeat a
-    step. ``max_message_mb`` must not exceed the server's limit; Predict
-    splits larger batches to fit.
-    """
+    _grpc = grpc
 
     def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 60.0, retries: int = 3,
                  backoff: float = 0.1, max_message_mb: float = _wire.DEFAULT_MAX_MESSAGE_MB,
@@ -65,9 +60,23 @@ class Client:
         options = channel_options(max_message_mb)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
-        self._channel = (grpc.secure_channel(target, credentials, options) if credentials
-                         else grpc.insecure_channel(target, options))
+        self._channel = (self._grpc.secure_channel(target, credentials, options) if credentials
+                         else self._grpc.insecure_channel(target, options))
         self._stub = pb_grpc.TrainerStub(self._channel)
+
+
+class Client(_Connection):
+    """A connection to a gradserve server.
+
+    ``timeout``: default deadline in seconds for each unary call (None: no
+    deadline; streams default to none). ``retries``: how many times a call
+    that failed with UNAVAILABLE is tried again, after exponential back-off
+    (``backoff`` seconds, doubling, with jitter) — UNAVAILABLE means the
+    request did not reach a serving server, so a retry does not repeat a
+    step. ``max_message_mb`` must not exceed the server's limit; Predict
+    splits larger batches to fit.
+    """
+
 
     # -- plumbing ---------------------------------------------------------
     def _call(self, method: str, request, timeout: float | None = None):

@@ -21,61 +21,20 @@ import pytest
 from client import loadtest
 from client.loadtest_runner import CallKind, format_report, mix_pattern, result_to_dict, run_load
 from gradserve.v1 import trainer_pb2 as pb
+from service_fixtures import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--layers", "8,16,3", "--batch-size", "4"]
 PERCENTILE_KEYS = ["p10", "p25", "p50", "p75", "p90", "p95", "p99"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(target: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    """Polls the standard health service until the server reports SERVING
-    (it turns SERVING once its kernels are compiled); bounded in time."""
-    from grpc_health.v1 import health_pb2
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as ch:
-        check = ch.unary_unary("/grpc.health.v1.Health/Check",
-                               request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                               response_deserializer=health_pb2.HealthCheckResponse.FromString)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-            try:
-                if check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{target} not serving after {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    store = tmp_path_factory.mktemp("loadtest") / "store.db"
-    log = open(store.with_suffix(".log"), "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--store", str(store), "--durability", "interval"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
+    proc = ServerProcess(tmp_path_factory.mktemp("loadtest") / "store.db", "--durability", "interval")
     try:
-        wait_serving(target, proc)
-        yield target
+        yield proc.target
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        proc.stop()
 
 
 def run_tool(capsys, *argv) -> str:
