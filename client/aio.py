@@ -14,7 +14,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import RETRYABLE, _Connection
+from .sync import _Connection, retryable
 
 
 class AsyncClient(_Connection):
@@ -30,7 +30,7 @@ class AsyncClient(_Connection):
                 return await rpc(request, timeout=self.timeout if timeout is None else timeout,
                                  metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
+                if not retryable(method, exc) or attempt == self.retries:
                     raise
             await asyncio.sleep(delay * (1 + random.random()))
             delay *= 2

@@ -18,6 +18,23 @@ from . import _wire
 from ._wire import ModelInfo, StepResult
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# A TrainStep applies an optimizer step, and UNAVAILABLE also reports a
+# connection lost after the server received (and maybe applied) the call:
+# retrying then would train twice on the batch. So a TrainStep is retried
+# only when it provably never ran: no connection was made, or the server
+# refused it before doing anything (warming up or shutting down).
+NOT_IDEMPOTENT = frozenset({"TrainStep"})
+_NEVER_RAN = ("failed to connect", "not serving yet")
+
+
+def retryable(method: str, exc: grpc.RpcError) -> bool:
+    """Whether ``method`` may be sent again after failing with ``exc``."""
+    if exc.code() not in RETRYABLE:
+        return False
+    if method not in NOT_IDEMPOTENT:
+        return True
+    details = (exc.details() or "").lower()
+    return any(reason in details for reason in _NEVER_RAN)
 
 
 def tls_credentials(ca=None, cert=None, key=None) -> grpc.ChannelCredentials | None:
@@ -71,8 +88,8 @@ class Client(_Connection):
     ``timeout``: default deadline in seconds for each unary call (None: no
     deadline; streams default to none). ``retries``: how many times a call
     that failed with UNAVAILABLE is tried again, after exponential back-off
-    (``backoff`` seconds, doubling, with jitter) — UNAVAILABLE means the
-    request did not reach a serving server, so a retry does not repeat a
+    (``backoff`` seconds, doubling, with jitter); a TrainStep only when it
+    provably never ran (see ``retryable``), so a retry never repeats a
     step. ``max_message_mb`` must not exceed the server's limit; Predict
     splits larger batches to fit.
     """
@@ -86,7 +103,7 @@ class Client(_Connection):
             try:
                 return rpc(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
+                if not retryable(method, exc) or attempt == self.retries:
                     raise
             time.sleep(delay * (1 + random.random()))
             delay *= 2

@@ -51,6 +51,33 @@ def test_unavailable_is_retried_with_exponential_backoff_then_raised():
     assert elapsed >= 0.05 + 0.1 + 0.2  # three waits, doubling
 
 
+class _Failure(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def test_train_step_is_not_retried_when_the_connection_dropped_mid_call():
+    from client.sync import retryable
+    dropped = _Failure(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert not retryable("TrainStep", dropped)  # it may have been applied: a retry would train twice
+    assert retryable("Predict", dropped) and retryable("GetGradients", dropped)
+
+
+def test_train_step_is_retried_when_it_provably_never_ran():
+    from client.sync import retryable
+    refused = _Failure(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
+                       "UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
+    warming = _Failure(grpc.StatusCode.UNAVAILABLE, "server is not serving yet (warming up) or is shutting down")
+    assert retryable("TrainStep", refused) and retryable("TrainStep", warming)
+    assert not retryable("TrainStep", _Failure(grpc.StatusCode.INTERNAL, "failed to connect"))
+
+
 def test_deadline_exceeded_is_reported(client):
     model = client.create_model(**SPEC)
     big = np.zeros((20_000, 3), np.float32)
