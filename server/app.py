@@ -163,8 +163,8 @@ class GradServer:
         if cfg.warm_up:
             seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
             log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
-                     "blas_per_thread_control=%s", seconds, layer, threads.get("budget"),
-                     threads.get("numba_num_threads"), threads.get("blas_per_thread_control"))
+                     "blas_threads=%s", seconds, layer, threads.get("budget"),
+                     threads.get("numba_num_threads"), threads.get("blas_threads"))
         loaded = self.registry.load_stored()
         self.registry.start_checkpointer()
         self.servicer.ready.set()
