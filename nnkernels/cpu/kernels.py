@@ -176,6 +176,21 @@ def _mlp_views_t(buf, n, sizes, layer):
 
 
 @njit(**_PJIT)
+def _dense_forward(H, W, b, Z, A, code, p):
+    """One dense layer: Z = H·Wᵀ + b, A = f(Z). The product runs in fixed
+    BLOCK-row slices (results independent of the thread count), then bias
+    and activation in one parallel pass."""
+    n = H.shape[0]
+    for k in prange((n + BLOCK - 1) // BLOCK):
+        r0 = k * BLOCK
+        r1 = min(n, r0 + BLOCK)
+        _dot_nt(H[r0:r1], W, Z[r0:r1])
+    nb, per = _row_blocks(n, W.shape[0])
+    for k in prange(nb):
+        _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
+
+
+@njit(**_PJIT)
 def forward_kernel(X, params, zbuf, abuf, sizes, acts, act_p, out_kind, logits, out):
     """Inference: writes the outputs (probabilities/values, or logits) into
     ``out`` (n × units). ``zbuf``/``abuf`` hold every layer's Z and A."""
@@ -192,13 +207,7 @@ def forward_kernel(X, params, zbuf, abuf, sizes, acts, act_p, out_kind, logits, 
         A = _mlp_views(abuf, n, sizes, l)
         code = acts[l] if l < L - 1 else 0
         p = act_p[l] if l < L - 1 else 0.0
-        for k in prange((n + BLOCK - 1) // BLOCK):
-            r0 = k * BLOCK
-            r1 = min(n, r0 + BLOCK)
-            _dot_nt(H[r0:r1], W, Z[r0:r1])
-        nb, per = _row_blocks(n, fout)
-        for k in prange(nb):
-            _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
+        _dense_forward(H, W, b, Z, A, code, p)
         H = A
     Zo = _mlp_views(zbuf, n, sizes, L - 1)
     u = Zo.shape[1]
@@ -335,13 +344,7 @@ def train_kernel(X, labels, Y, params, grads, xin, zbuf, abuf, hbuf, dbuf, tbuf,
         A = _mlp_views(abuf, n, sizes, l)
         code = acts[l] if l < L - 1 else 0
         p = act_p[l] if l < L - 1 else 0.0
-        for k in prange((n + BLOCK - 1) // BLOCK):
-            r0 = k * BLOCK
-            r1 = min(n, r0 + BLOCK)
-            _dot_nt(H[r0:r1], W, Z[r0:r1])
-        nb, per = _row_blocks(n, fout)
-        for k in prange(nb):
-            _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
+        _dense_forward(H, W, b, Z, A, code, p)
         H = A
         if l < L - 1 and drop_p[l] > 0.0:
             Hd = _mlp_views(hbuf, n, sizes, l)
