@@ -49,7 +49,7 @@ def check_environment(smoke: bool):
     if not smoke and os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         die("NUMBA_ENABLE_CUDASIM is set: the simulator is for correctness tests, not timings; unset it")
     try:
-        from nnkernels.cuda import is_available, numba_cuda
+        from gradserve.nnkernels.cuda import is_available, numba_cuda
     except ImportError as exc:
         die(f"cannot import nnkernels ({exc}); run from the repository with its virtual environment")
     if numba_cuda is None:
@@ -99,14 +99,14 @@ def main(argv=None) -> int:
     tsync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
     import numpy as np
 
-    from nnkernels.cuda import warm_up
+    from gradserve.nnkernels.cuda import warm_up
     t0 = time.perf_counter()
     warm_up((args.dtype,))  # compile every kernel before any timing
     print(f"compiled the CUDA kernels in {time.perf_counter() - t0:.1f} s")
 
     import numba
-    from nnkernels import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec
-    from nnkernels.model import Model
+    from gradserve.nnkernels import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec
+    from gradserve.nnkernels.model import Model
 
     dev = numba_cuda.get_current_device()
     cc = getattr(dev, "compute_capability", ("?", "?"))

@@ -36,8 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import loadtest  # noqa: E402
-from client.loadtest_runner import result_to_dict, run_load, run_load_threads  # noqa: E402
+from gradserve.client import loadtest  # noqa: E402
+from gradserve.client.loadtest_runner import result_to_dict, run_load, run_load_threads  # noqa: E402
 from gradserve.v1 import trainer_pb2 as pb  # noqa: E402
 
 LAYERS = [784, 512, 256, 10]
@@ -92,7 +92,7 @@ def start_echo(workers: int) -> tuple[subprocess.Popen, str]:
 
 def start_gradserve(store: str, workers: int, durability: str, log) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--host", "127.0.0.1",
                              "--port", str(port), "--store", store, "--durability", durability,
                              "--workers", str(workers), "--log-level", "warning"],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -166,8 +166,8 @@ def time_calls(fn, seconds: float, min_calls: int = 5) -> float:
 
 
 def in_process_nnkernels(seconds: float) -> dict:
-    from nnkernels import ModelSpec
-    from nnkernels.model import Model
+    from gradserve.nnkernels import ModelSpec
+    from gradserve.nnkernels.model import Model
     rng = np.random.default_rng(1)
     X1024 = rng.standard_normal((1024, 784)).astype(np.float32)
     X256 = rng.standard_normal((256, 784)).astype(np.float32)
@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     th = None if th_runs[0] is None else {
         "predict_b1024_s": statistics.median(r["predict_b1024_s"] for r in th_runs),
         "threads": th_runs[0]["threads"], "version": th_runs[0]["version"]}
-    import nnkernels
+    from gradserve import nnkernels
     nk["thread_config"] = nnkernels.thread_config()
     figures["in_process_nnkernels"] = nk
     figures["in_process_torch"] = th

@@ -1,4 +1,4 @@
-"""Regenerates gradserve/v1/*_pb2*.py from protos/gradserve/v1/*.proto.
+"""Regenerates client/gradserve/v1/*_pb2*.py from protos/gradserve/v1/*.proto.
 
     python scripts/gen_protos.py [--out DIR]
 
@@ -37,7 +37,8 @@ def generate(out: Path) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    parser.add_argument("--out", type=Path, default=ROOT / "client",
+                        help="output root (default: the client distribution's source root)")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path.relative_to(args.out))

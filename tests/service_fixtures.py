@@ -1,5 +1,5 @@
 """Real gradserve servers for the service tests, started the way a user
-starts one: ``python -m server.cli serve`` in a subprocess, on a free
+starts one: ``python -m gradserve.server.cli serve`` in a subprocess, on a free
 loopback port, with a SQLite file under a temporary directory.
 
 Import the fixtures you use into a test module (``from service_fixtures
@@ -21,6 +21,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The source roots of this checkout (the namespace package ``gradserve`` spans
+# them); child processes get them on PYTHONPATH, as pytest's ``pythonpath``.
+SOURCE_ROOTS = [str(ROOT / d) for d in ("client", "server", "nnkernels")]
+
+
+def source_env(**extra) -> dict:
+    """os.environ with this checkout's source roots first on PYTHONPATH."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*SOURCE_ROOTS, env.get("PYTHONPATH")]))
+    return env
 
 # The shared server's limits are small enough to test against and large
 # enough for every other test (784-512-256-10 has 535,818 parameters).
@@ -35,7 +45,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server.cli serve --port 0`` (any free port, read back from
+    """``python -m gradserve.server.cli serve --port 0`` (any free port, read back from
     its log), logging to a file; the start-up includes Numba's warm-up, which
     can take minutes when the kernel cache is cold."""
 
@@ -44,12 +54,10 @@ class ServerProcess:
         self.log_path = self.store.with_suffix(f".{time.time_ns()}.log")
         self.flags = flags
         self.port = 0  # the server binds any free port (no race with other processes) and logs it
-        environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-        environment.update(env or {})
+        environment = source_env(**(env or {}))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--store", str(self.store),
+            [sys.executable, "-m", "gradserve.server.cli", "serve", "--port", "0", "--store", str(self.store),
              *flags], cwd=ROOT, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
         self._wait_serving(startup_timeout)
 
@@ -101,6 +109,6 @@ def server(tmp_path_factory) -> ServerProcess:
 
 @pytest.fixture
 def client(server):
-    from client import Client
+    from gradserve.client import Client
     with Client(server.target, timeout=120, max_message_mb=8) as c:
         yield c

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, build_spec
+from gradserve.client import AsyncClient, Client, build_spec
 from service_fixtures import client, free_port, server  # noqa: F401  (fixtures)
 
 X = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)
@@ -63,14 +63,14 @@ class _Failure(grpc.RpcError):
 
 
 def test_train_step_is_not_retried_when_the_connection_dropped_mid_call():
-    from client.sync import retryable
+    from gradserve.client.sync import retryable
     dropped = _Failure(grpc.StatusCode.UNAVAILABLE, "Socket closed")
     assert not retryable("TrainStep", dropped)  # it may have been applied: a retry would train twice
     assert retryable("Predict", dropped) and retryable("GetGradients", dropped)
 
 
 def test_train_step_is_retried_when_it_provably_never_ran():
-    from client.sync import retryable
+    from gradserve.client.sync import retryable
     refused = _Failure(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
                        "UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
     warming = _Failure(grpc.StatusCode.UNAVAILABLE, "server is not serving yet (warming up) or is shutting down")

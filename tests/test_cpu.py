@@ -3,10 +3,10 @@ every activation × loss, every optimizer, dropout and noise, inference."""
 import numpy as np
 import pytest
 
-from nnkernels import (LayerSpec, LossSpec, Model, ModelSpec, OptimizerSpec, OutputSpec,
+from gradserve.nnkernels import (LayerSpec, LossSpec, Model, ModelSpec, OptimizerSpec, OutputSpec,
                        RegularizationSpec, ScheduleSpec, init_params)
-from nnkernels import reference as R
-from nnkernels.spec import ACTIVATIONS
+from gradserve.nnkernels import reference as R
+from gradserve.nnkernels.spec import ACTIVATIONS
 
 UNITS = {"identity": 2, "sigmoid": 3, "softmax": 4}
 LAYER = {"leaky_relu": dict(negative_slope=0.2), "elu": dict(alpha=0.7)}
@@ -154,7 +154,7 @@ def test_dropout_drops_about_p_of_the_units():
 
 
 def R_init_ones():
-    from nnkernels import InitSpec
+    from gradserve.nnkernels import InitSpec
     return InitSpec("constant", value=1.0)
 
 

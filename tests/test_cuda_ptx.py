@@ -18,7 +18,7 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 def _real_cuda():
     assert not SIM, "tests/test_cuda_ptx.py runs in the main pytest process, without NUMBA_ENABLE_CUDASIM"
-    from nnkernels.cuda import numba_cuda
+    from gradserve.nnkernels.cuda import numba_cuda
     assert numba_cuda is not None, "numba-cuda is not installed (pip install 'gradserve[cuda]')"
     return numba_cuda
 
@@ -27,7 +27,7 @@ _SOURCES = []
 
 
 def _sources():
-    from nnkernels.cuda import kernels as K
+    from gradserve.nnkernels.cuda import kernels as K
     if _SOURCES:
         return _SOURCES
     _SOURCES[:] = [(dt, name, fn, sig)
@@ -99,9 +99,9 @@ def test_float32_products_stay_float32():
 
 def test_cuda_model_without_gpu_raises_device_unavailable():
     _real_cuda()
-    from nnkernels import DeviceUnavailableError, ModelSpec, OutputSpec, LayerSpec
-    from nnkernels.backend import available_devices, make_backend
-    from nnkernels.cuda import is_available
+    from gradserve.nnkernels import DeviceUnavailableError, ModelSpec, OutputSpec, LayerSpec
+    from gradserve.nnkernels.backend import available_devices, make_backend
+    from gradserve.nnkernels.cuda import is_available
     import numpy as np
     spec = ModelSpec(input_size=3, hidden=(LayerSpec(5),), output=OutputSpec(2), device="cuda")
     params = np.zeros(spec.num_params, np.float32)
@@ -112,6 +112,6 @@ def test_cuda_model_without_gpu_raises_device_unavailable():
     assert "cuda" not in available_devices()
     with pytest.raises(DeviceUnavailableError):
         make_backend(spec, params)
-    from nnkernels.model import Model
+    from gradserve.nnkernels.model import Model
     with pytest.raises(DeviceUnavailableError):
         Model(spec)

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec
+from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec
 
 
 def test_xor_reaches_full_accuracy():

@@ -18,10 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import loadtest
-from client.loadtest_runner import CallKind, format_report, mix_pattern, result_to_dict, run_load
+from gradserve.client import loadtest
+from gradserve.client.loadtest_runner import CallKind, format_report, mix_pattern, result_to_dict, run_load
 from gradserve.v1 import trainer_pb2 as pb
-from service_fixtures import ServerProcess
+from service_fixtures import ServerProcess, source_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--layers", "8,16,3", "--batch-size", "4"]
@@ -139,10 +139,10 @@ def test_duration_and_open_loop_rate_are_respected(server, capsys):
 # ---------------------------------------------------------------- without a server
 
 def test_importing_the_tool_does_not_import_numba():
-    code = ("import sys, client.loadtest; "
+    code = ("import sys, gradserve.client.loadtest; "
             "bad = [m for m in ('numba', 'nnkernels', 'server') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=source_env(), check=True, timeout=60)
 
 
 def test_mix_pattern_spreads_calls_evenly():
@@ -181,9 +181,9 @@ def test_ctrl_c_ends_the_run_early_and_still_deletes_the_models(server, tmp_path
     before = list_model_ids(server)
     report = tmp_path / "partial.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.loadtest", "--target", server, "--call", "predict", "--models", "2",
+        [sys.executable, "-m", "gradserve.client.loadtest", "--target", server, "--call", "predict", "--models", "2",
          "--concurrency", "2", "--duration", "60s", "--format", "json", "--output", str(report), *SMALL],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cwd=ROOT, env=source_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while list_model_ids(server) == before and time.monotonic() < deadline:

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from nnkernels import (InputError, LayerSpec, Model, ModelSpec, NonFiniteError, NotTrainableError,
+from gradserve.nnkernels import (InputError, LayerSpec, Model, ModelSpec, NonFiniteError, NotTrainableError,
                        OptimizerSpec, OutputSpec, StepResult)
-from nnkernels import reference as R
+from gradserve.nnkernels import reference as R
 
 
 def clf(dtype="float32", **kw):
@@ -194,6 +194,6 @@ def test_reference_agrees_with_model_on_accuracy_rule_for_sigmoid():
     m = reg(2, "sigmoid", dtype="float64")
     y = np.array([[0, 1], [1, 1], [0, 0], [1, 0]], dtype=float)
     r = m.train_step(X, y)
-    from nnkernels.params import init_params
+    from gradserve.nnkernels.params import init_params
     _, correct, _ = R.loss_and_grads(m.spec, init_params(m.spec), X, y)
     assert r.accuracy == correct / 8

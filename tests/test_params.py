@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnkernels import InitSpec, LayerSpec, ModelSpec, OutputSpec, ParamLayout, init_params
+from gradserve.nnkernels import InitSpec, LayerSpec, ModelSpec, OutputSpec, ParamLayout, init_params
 
 
 def spec(weight_init=InitSpec(), bias_init=InitSpec(), **kw):

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradserve.specmsg import spec_from_message, spec_to_message
-from gradserve.tensor import TensorError, decode_tensor, encode_tensor
+from gradserve.wire.specmsg import spec_from_message, spec_to_message
+from gradserve.wire.tensor import TensorError, decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,12 +19,13 @@ def test_committed_generated_code_matches_the_protos(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
     generated = sorted(p.name for p in (tmp_path / "gradserve" / "v1").glob("*_pb2*"))
-    committed = sorted(p.name for p in (ROOT / "gradserve" / "v1").glob("*_pb2*"))
+    committed_dir = ROOT / "client" / "gradserve" / "v1"
+    committed = sorted(p.name for p in committed_dir.glob("*_pb2*"))
     assert generated == committed
     for name in generated:
         fresh = (tmp_path / "gradserve" / "v1" / name).read_text()
-        assert (ROOT / "gradserve" / "v1" / name).read_text() == fresh, \
-            f"gradserve/v1/{name} is stale: run python scripts/gen_protos.py"
+        assert (committed_dir / name).read_text() == fresh, \
+            f"client/gradserve/v1/{name} is stale: run python scripts/gen_protos.py"
 
 
 @pytest.mark.parametrize("dtype", ["<f4", "<f8", "<i4", "<i8", ">f4", ">i8"])
@@ -64,7 +65,7 @@ def test_encode_rejects_complex():
 
 
 def test_spec_message_round_trips_a_full_spec():
-    nnkernels = pytest.importorskip("nnkernels")
+    nnkernels = pytest.importorskip("gradserve.nnkernels")
     spec = nnkernels.ModelSpec.from_dict({
         "input_size": 5, "hidden": [{"units": 7, "activation": "leaky_relu", "negative_slope": 0.2, "dropout": 0.1}],
         "output": {"units": 3, "kind": "softmax"}, "loss": {"label_smoothing": 0.1},

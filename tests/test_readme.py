@@ -1,12 +1,11 @@
 """The README's usage example runs, unchanged except for the address,
 against a real server."""
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from service_fixtures import server  # noqa: F401  (fixture)
+from service_fixtures import server, source_env  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,8 +20,7 @@ def readme_example() -> str:
 def test_readme_example_runs_against_a_real_server(server):
     code = readme_example()
     assert "127.0.0.1:50051" in code
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:50051", server.target)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         env=source_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "accuracy 1.0" in out.stdout, out.stdout

@@ -1,4 +1,4 @@
-"""nnkernels.reference against PyTorch: activations, losses, gradients of a
+"""gradserve.nnkernels.reference against PyTorch: activations, losses, gradients of a
 whole network, 50 steps of every optimizer, and the LR schedules."""
 import math
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec, ParamLayout,
+from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec, ParamLayout,
                        ScheduleSpec, init_params)
-from nnkernels import reference as R
-from nnkernels.spec import ACTIVATIONS
+from gradserve.nnkernels import reference as R
+from gradserve.nnkernels.spec import ACTIVATIONS
 
 TORCH_ACT = {
     "identity": lambda z, l: z,

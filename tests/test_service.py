@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 import pytest
 
-from nnkernels import Model, ModelSpec, available_devices
+from gradserve.nnkernels import Model, ModelSpec, available_devices
 from service_fixtures import client, server  # noqa: F401  (fixtures)
 
 SPEC = dict(input_size=6, hidden=[{"units": 16, "activation": "tanh"}, {"units": 8, "activation": "relu"}],

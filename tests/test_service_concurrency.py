@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from client import Client
+from gradserve.client import Client
 from service_fixtures import server  # noqa: F401  (fixture)
 
 SECONDS = float(os.environ.get("GRADSERVE_LOAD_SECONDS", "8"))

@@ -9,8 +9,8 @@ import time
 import grpc
 import numpy as np
 
-from client import Client
-from nnkernels import Model, ModelSpec
+from gradserve.client import Client
+from gradserve.nnkernels import Model, ModelSpec
 from service_fixtures import ServerProcess
 
 SPEC = dict(input_size=5, hidden=[(16, "relu")], output=(3, "softmax"),

@@ -4,10 +4,10 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
+from gradserve.client import Client
 from gradserve.v1 import trainer_pb2 as pb
-from gradserve.tensor import encode_tensor
-from nnkernels import available_devices
+from gradserve.wire.tensor import encode_tensor
+from gradserve.nnkernels import available_devices
 from service_fixtures import client, server  # noqa: F401  (fixtures)
 
 SPEC = dict(input_size=4, hidden=[(8, "tanh")], output=(3, "softmax"), optimizer="sgd", seed=3)

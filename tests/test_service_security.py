@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client
+from gradserve.client import Client
 from service_fixtures import ServerProcess
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

@@ -7,15 +7,15 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.specmsg import spec_to_message
-from gradserve.tensor import encode_tensor
+from gradserve.wire.specmsg import spec_to_message
+from gradserve.wire.tensor import encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
-from server.cli import build_parser, config_from_args
-from server.limits import Limits
-from server.registry import Durability, ModelRegistry
-from server.rwlock import ReadWriteLock
-from server.servicer import TrainerServicer
-from server.store import SqliteStore
+from gradserve.server.cli import build_parser, config_from_args
+from gradserve.server.limits import Limits
+from gradserve.server.registry import Durability, ModelRegistry
+from gradserve.server.rwlock import ReadWriteLock
+from gradserve.server.servicer import TrainerServicer
+from gradserve.server.store import SqliteStore
 
 SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
 

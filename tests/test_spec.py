@@ -1,7 +1,7 @@
 """ModelSpec validation: every invalid value raises SpecError naming its field."""
 import pytest
 
-from nnkernels import (InitSpec, LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
+from gradserve.nnkernels import (InitSpec, LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
                        RegularizationSpec, ScheduleSpec, SpecError)
 
 

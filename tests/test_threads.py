@@ -5,8 +5,8 @@ import threading
 import numba
 import numpy as np
 
-import nnkernels
-from nnkernels import (LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec,
+from gradserve import nnkernels
+from gradserve.nnkernels import (LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec,
                        runtime)
 
 

@@ -28,7 +28,7 @@ def _cuda_usable():
     if "numba" in sys.modules and SIMULATOR:
         from numba import config
         assert config.ENABLE_CUDASIM, "numba was imported before NUMBA_ENABLE_CUDASIM was set"
-    from nnkernels.cuda import is_available
+    from gradserve.nnkernels.cuda import is_available
     assert is_available(), (
         "no CUDA device and no simulator: run these tests with NUMBA_ENABLE_CUDASIM=1 "
         "(in their own pytest process) or on a GPU machine")

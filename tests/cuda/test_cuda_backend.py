@@ -13,11 +13,11 @@ import math
 import numpy as np
 import pytest
 
-from nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
+from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
                        RegularizationSpec, ScheduleSpec)
-from nnkernels import reference as ref
-from nnkernels.cuda.backend import CudaBackend
-from nnkernels.params import init_params
+from gradserve.nnkernels import reference as ref
+from gradserve.nnkernels.cuda.backend import CudaBackend
+from gradserve.nnkernels.params import init_params
 
 TOL = {"float64": dict(rtol=1e-9, atol=1e-9), "float32": dict(rtol=1e-4, atol=1e-4)}
 ACTS = ["identity", "relu", "leaky_relu", "elu", "softplus", "sigmoid", "tanh", "hardswish", "gelu", "step"]
@@ -192,7 +192,7 @@ def test_clipping_schedule_dropout_noise_training(dtype):
 def test_state_dict_moves_between_cuda_and_cpu():
     """A model trained on CUDA saves and loads on the CPU (and back) with
     identical parameters and optimizer state; training continues the same."""
-    from nnkernels.model import Model
+    from gradserve.nnkernels.model import Model
     spec = make_spec("float64", hidden=((4, "relu"),), out=(3, "softmax"),
                      optimizer=OptimizerSpec("rmsprop", lr=0.01, momentum=0.5, centered=True))
     cpu_spec = dataclasses.replace(spec, device="cpu")
@@ -216,7 +216,7 @@ def test_state_dict_moves_between_cuda_and_cpu():
 
 
 def test_cpu_and_cuda_backends_agree_through_model():
-    from nnkernels.model import Model
+    from gradserve.nnkernels.model import Model
     spec = make_spec("float32", hidden=(LayerSpec(5, "hardswish", dropout=0.2), LayerSpec(4, "softplus")),
                      out=(3, "softmax"), loss=LossSpec("softmax_cross_entropy", 0.1),
                      optimizer=OptimizerSpec("sgd", lr=0.1, momentum=0.9))

@@ -5,8 +5,8 @@ grid-stride loop over tiles runs), in both dtypes."""
 import numpy as np
 import pytest
 
-from nnkernels.cuda import numba_cuda as cuda
-from nnkernels.cuda.kernels import kernels_for
+from gradserve.nnkernels.cuda import numba_cuda as cuda
+from gradserve.nnkernels.cuda.kernels import kernels_for
 
 SHAPES = [(1, 3, 1), (9, 10, 11), (17, 5, 3)]  # (rows n, inputs k, outputs m)
 
@@ -45,8 +45,8 @@ def test_products_match_numpy(n, k, m, dtype):
 
 
 def test_warm_up_builds_both_dtypes():
-    from nnkernels.cuda import warm_up
-    from nnkernels.cuda.kernels import _KERNELS
+    from gradserve.nnkernels.cuda import warm_up
+    from gradserve.nnkernels.cuda.kernels import _KERNELS
     warm_up()
     assert {"float32", "float64"} <= set(_KERNELS)
     assert all(ks._compiled for ks in _KERNELS.values())

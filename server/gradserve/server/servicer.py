@@ -11,11 +11,11 @@ import threading
 import grpc
 import numpy as np
 
-from gradserve.specmsg import spec_from_message, spec_to_message
-from gradserve.tensor import TensorError, decode_tensor, encode_tensor
+from gradserve.wire.specmsg import spec_from_message, spec_to_message
+from gradserve.wire.tensor import TensorError, decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
-from nnkernels import (DeviceUnavailableError, InputError, NonFiniteError,
+from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteError,
                        NotTrainableError, SpecError)
 
 from .limits import LimitExceeded

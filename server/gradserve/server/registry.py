@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnkernels import Model, ModelSpec
+from gradserve.nnkernels import Model, ModelSpec
 
 from .limits import LimitExceeded, Limits
 from .rwlock import ReadWriteLock

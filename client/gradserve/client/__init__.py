@@ -1,6 +1,6 @@
 """gradserve's Python client: numpy in, numpy out, over gRPC.
 
-    from client import Client
+    from gradserve.client import Client
     with Client("127.0.0.1:50051") as c:
         model = c.create_model(2, hidden=[(8, "tanh")], output=(1, "sigmoid"), optimizer={"name": "adam", "lr": 0.05})
         history = model.fit(X, y, epochs=100, batch_size=4)

@@ -8,7 +8,7 @@ import random
 import grpc
 import numpy as np
 
-from gradserve.tensor import decode_tensor
+from gradserve.wire.tensor import decode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 

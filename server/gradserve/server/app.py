@@ -53,7 +53,7 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
     when a GPU is usable, so no request waits for (or races on) a compile;
     refuses a threading layer that aborts under concurrent callers, and a
     default device this process cannot use."""
-    from nnkernels import available_devices, set_thread_budget, thread_config, warm_up
+    from gradserve.nnkernels import available_devices, set_thread_budget, thread_config, warm_up
     devices = available_devices()
     if default_device not in devices:
         raise RuntimeError(f"--default-device {default_device!r} is not usable here "
@@ -66,7 +66,7 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
         raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
                            "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
     if "cuda" in devices:
-        from nnkernels.cuda import warm_up as warm_up_cuda
+        from gradserve.nnkernels.cuda import warm_up as warm_up_cuda
         warm_up_cuda()
     return time.perf_counter() - t0, layer, thread_config()
 

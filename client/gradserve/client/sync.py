@@ -12,7 +12,7 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
-from gradserve.tensor import decode_tensor
+from gradserve.wire.tensor import decode_tensor
 
 from . import _wire
 from ._wire import ModelInfo, StepResult

@@ -1,6 +1,6 @@
-"""One-command demo: ``python -m client.demo [--target HOST:PORT]``.
+"""One-command demo: ``python -m gradserve.client.demo [--target HOST:PORT]``.
 
-Without --target it starts a server (``python -m server.cli serve``, a
+Without --target it starts a server (``python -m gradserve.server.cli serve``, a
 subprocess on a free port with a temporary store) and stops it at the end.
 Trains XOR and a 10-class blobs problem with fit() (progress bar), prints
 accuracy, predicts, and fetches gradients."""
@@ -14,12 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 
-from client import Client
+from gradserve.client import Client
 
 
 @contextlib.contextmanager
@@ -28,11 +27,9 @@ def local_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-                                 "--store", os.path.join(tmp, "demo.db"), "--log-level", "warning"], env=env)
+    with tempfile.TemporaryDirectory() as tmp:  # needs the server distribution (gradserve) installed
+        proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--port", str(port),
+                                 "--store", os.path.join(tmp, "demo.db"), "--log-level", "warning"])
         try:
             target = f"127.0.0.1:{port}"
             wait_serving(target, proc)

@@ -1,4 +1,0 @@
-"""gradserve's wire layer: the generated protobuf/gRPC code (``gradserve.v1``),
-the Tensor codec (``gradserve.tensor``) and the ModelSpec message codec
-(``gradserve.specmsg``). Shared by server and client; imports neither numba
-nor nnkernels."""
