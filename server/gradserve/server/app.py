@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.status import mark_retry_safe
 
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
@@ -73,12 +74,14 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses Trainer calls without ``authorization: Bearer <token>``
-    (UNAUTHENTICATED). Health and reflection stay open for probes and grpcurl."""
+    (UNAUTHENTICATED, retry-safe: the call never reached a model). Health and
+    reflection stay open for probes and grpcurl."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
 
         def deny(request, context):
+            mark_retry_safe(context)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
