@@ -52,14 +52,17 @@ def test_unavailable_is_retried_with_exponential_backoff_then_raised():
 
 
 class _Failure(grpc.RpcError):
-    def __init__(self, code, details):
-        self._code, self._details = code, details
+    def __init__(self, code, details, trailing_metadata=()):
+        self._code, self._details, self._trailing = code, details, trailing_metadata
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
 
 
 def test_train_step_is_not_retried_when_the_connection_dropped_mid_call():
@@ -69,13 +72,14 @@ def test_train_step_is_not_retried_when_the_connection_dropped_mid_call():
     assert retryable("Predict", dropped) and retryable("GetGradients", dropped)
 
 
-def test_train_step_is_retried_when_it_provably_never_ran():
+def test_train_step_is_retried_only_when_the_server_marked_it_retry_safe():
     from gradserve.client.sync import retryable
-    refused = _Failure(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: "
-                       "UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
-    warming = _Failure(grpc.StatusCode.UNAVAILABLE, "server is not serving yet (warming up) or is shutting down")
-    assert retryable("TrainStep", refused) and retryable("TrainStep", warming)
-    assert not retryable("TrainStep", _Failure(grpc.StatusCode.INTERNAL, "failed to connect"))
+    from gradserve.wire.status import RETRY_SAFE_KEY
+    marked = ((RETRY_SAFE_KEY, "1"),)
+    assert retryable("TrainStep", _Failure(grpc.StatusCode.UNAVAILABLE, "warming up", marked))
+    # the words of a refusal mean nothing without the trailer
+    assert not retryable("TrainStep", _Failure(grpc.StatusCode.UNAVAILABLE, "server is not serving yet"))
+    assert not retryable("TrainStep", _Failure(grpc.StatusCode.INTERNAL, "bug", marked))  # only UNAVAILABLE
 
 
 def test_deadline_exceeded_is_reported(client):

@@ -60,6 +60,18 @@ def test_unknown_model_in_a_stream_is_not_found(client):
     check(err, grpc.StatusCode.NOT_FOUND, "no-such-model")
 
 
+def test_bad_batch_mid_stream_ends_the_stream_with_invalid_argument(client, model):
+    good = pb.TrainStepRequest(model_id=model.model_id, inputs=encode_tensor(X), targets=encode_tensor(Y))
+    bad = pb.TrainStepRequest(model_id=model.model_id, inputs=encode_tensor(X[:, :3]), targets=encode_tensor(Y))
+    replies = []
+    with pytest.raises(grpc.RpcError) as err:
+        for reply in client._stub.TrainStream(iter([good, good, bad, good]), timeout=30):
+            replies.append(reply)
+    assert [r.step for r in replies] == [1, 2]
+    check(err.value, grpc.StatusCode.INVALID_ARGUMENT, "inputs")
+    assert model.step == 2  # the batch after the bad one was not trained on
+
+
 # -- bad specs ---------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, field", [
     ({"input_size": 0}, "input_size"),

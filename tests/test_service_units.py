@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gradserve.wire.specmsg import spec_to_message
+from gradserve.wire.status import RETRY_SAFE_KEY
 from gradserve.wire.tensor import encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.server.cli import build_parser, config_from_args
@@ -26,6 +27,12 @@ class Aborted(Exception):
 
 class FakeContext:
     """Enough of grpc.ServicerContext for the servicer: abort raises."""
+
+    code = details = None
+    trailing_metadata = ()
+
+    def set_trailing_metadata(self, pairs):
+        self.trailing_metadata = tuple(pairs)
 
     def abort(self, code, details):
         self.code, self.details = code, details
@@ -99,12 +106,20 @@ def test_models_beyond_the_limit_are_resource_exhausted(servicer):
     assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_models=2" in ctx.details
 
 
-def test_calls_before_ready_are_unavailable(servicer):
+def test_calls_before_ready_are_unavailable_and_marked_retry_safe(servicer):
     servicer.ready.clear()
     ctx = FakeContext()
     with pytest.raises(Aborted):
         servicer.ListModels(pb.ListModelsRequest(), ctx)
     assert ctx.code == grpc.StatusCode.UNAVAILABLE
+    assert ctx.trailing_metadata == ((RETRY_SAFE_KEY, "1"),)
+
+
+def test_refusals_after_the_admission_check_are_not_marked_retry_safe(servicer):
+    ctx = FakeContext()
+    with pytest.raises(Aborted):
+        servicer.GetModel(pb.GetModelRequest(model_id="no-such-model"), ctx)
+    assert ctx.code == grpc.StatusCode.NOT_FOUND and ctx.trailing_metadata == ()
 
 
 def test_every_flag_has_an_environment_twin(monkeypatch):

@@ -12,6 +12,7 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor
 
 from . import _wire
@@ -21,20 +22,16 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 # A TrainStep applies an optimizer step, and UNAVAILABLE also reports a
 # connection lost after the server received (and maybe applied) the call:
 # retrying then would train twice on the batch. So a TrainStep is retried
-# only when it provably never ran: no connection was made, or the server
-# refused it before doing anything (warming up or shutting down).
+# only when the server marked the failure retry-safe (it refused the call
+# before touching any model: warming up, shutting down).
 NOT_IDEMPOTENT = frozenset({"TrainStep"})
-_NEVER_RAN = ("failed to connect", "not serving yet")
 
 
 def retryable(method: str, exc: grpc.RpcError) -> bool:
     """Whether ``method`` may be sent again after failing with ``exc``."""
     if exc.code() not in RETRYABLE:
         return False
-    if method not in NOT_IDEMPOTENT:
-        return True
-    details = (exc.details() or "").lower()
-    return any(reason in details for reason in _NEVER_RAN)
+    return method not in NOT_IDEMPOTENT or is_retry_safe(exc)
 
 
 def tls_credentials(ca=None, cert=None, key=None) -> grpc.ChannelCredentials | None:
@@ -88,9 +85,9 @@ class Client(_Connection):
     ``timeout``: default deadline in seconds for each unary call (None: no
     deadline; streams default to none). ``retries``: how many times a call
     that failed with UNAVAILABLE is tried again, after exponential back-off
-    (``backoff`` seconds, doubling, with jitter); a TrainStep only when it
-    provably never ran (see ``retryable``), so a retry never repeats a
-    step. ``max_message_mb`` must not exceed the server's limit; Predict
+    (``backoff`` seconds, doubling, with jitter); a TrainStep only when the
+    server marked it retry-safe (see ``retryable``), so a retry never
+    repeats a step. ``max_message_mb`` must not exceed the server's limit; Predict
     splits larger batches to fit.
     """
 

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.status import mark_retry_safe
 
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
@@ -45,14 +46,13 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
-    warm_up: bool = True
 
 
 def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
     """Compiles (or loads from cache) every CPU kernel, and every CUDA kernel
     when a GPU is usable, so no request waits for (or races on) a compile;
-    refuses a threading layer that aborts under concurrent callers, and a
-    default device this process cannot use."""
+    refuses a default device this process cannot use (and ``nnkernels.warm_up``
+    a threading layer that aborts under concurrent callers)."""
     from gradserve.nnkernels import available_devices, set_thread_budget, thread_config, warm_up
     devices = available_devices()
     if default_device not in devices:
@@ -62,9 +62,6 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
         set_thread_budget(kernel_threads)
     t0 = time.perf_counter()
     _, layer = warm_up()
-    if layer == "workqueue":
-        raise RuntimeError("numba threading layer is 'workqueue', which aborts under concurrent requests; "
-                           "install tbb (see README) or set NUMBA_THREADING_LAYER=omp")
     if "cuda" in devices:
         from gradserve.nnkernels.cuda import warm_up as warm_up_cuda
         warm_up_cuda()
@@ -73,12 +70,14 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses Trainer calls without ``authorization: Bearer <token>``
-    (UNAUTHENTICATED). Health and reflection stay open for probes and grpcurl."""
+    (UNAUTHENTICATED, retry-safe: the call never reached a model). Health and
+    reflection stay open for probes and grpcurl."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
 
         def deny(request, context):
+            mark_retry_safe(context)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
@@ -160,11 +159,10 @@ class GradServer:
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
                  "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
                  sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
-        if cfg.warm_up:
-            seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
-            log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
-                     "blas_threads=%s", seconds, layer, threads.get("budget"),
-                     threads.get("numba_num_threads"), threads.get("blas_threads"))
+        seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
+        log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
+                 "blas_threads=%s", seconds, layer, threads.get("budget"),
+                 threads.get("numba_num_threads"), threads.get("blas_threads"))
         loaded = self.registry.load_stored()
         self.registry.start_checkpointer()
         self.servicer.ready.set()

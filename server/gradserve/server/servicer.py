@@ -1,44 +1,19 @@
-"""TrainerServicer: the gradserve.v1.Trainer RPCs. Each method decodes the
-request, calls the registry (plain Python over nnkernels) and encodes the
-reply; every failure leaves through ``context.abort`` with one status code
-(see ``status_for``). Testable without a server: pass any object with
-``abort(code, details)``."""
+"""TrainerServicer: the gradserve.v1.Trainer RPCs. Each method admits the
+request, decodes it, calls the registry (plain Python over nnkernels) and
+encodes the reply; the ``rpc`` decorator (errors.py) turns whatever it
+raises into one status code. Testable without a server: pass any object
+with ``abort(code, details)`` and ``set_trailing_metadata(pairs)``."""
 from __future__ import annotations
 
-import logging
 import threading
 
-import grpc
-import numpy as np
-
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
-from gradserve.wire.tensor import TensorError, decode_tensor, encode_tensor
+from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
-from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteError,
-                       NotTrainableError, SpecError)
 
-from .limits import LimitExceeded
-from .registry import ModelExists, ModelNotFound, ModelRegistry, ShuttingDown
-
-log = logging.getLogger("gradserve.servicer")
-
-# exception type -> status code; the first match wins
-STATUS = (
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ModelExists, grpc.StatusCode.ALREADY_EXISTS),
-    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
-    ((NonFiniteError, NotTrainableError, DeviceUnavailableError), grpc.StatusCode.FAILED_PRECONDITION),
-    ((SpecError, InputError, TensorError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
-)
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    for types, code in STATUS:
-        if isinstance(exc, types):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+from .errors import BadRequest, NotServing, rpc
+from .registry import MODEL_ID, ModelNotFound, ModelRegistry
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
@@ -48,17 +23,11 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
 
     # -- plumbing -------------------------------------------------------------
-    def _fail(self, context, exc: BaseException, method: str):
-        code, details = status_for(exc)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("event=rpc_error method=%s", method)
-        else:
-            log.debug("event=rpc_refused method=%s code=%s details=%r", method, code.name, details)
-        context.abort(code, details)
-
-    def _check(self, request, context) -> None:
+    def _admit(self, request) -> None:
+        """Refuses, before any work, a call the server cannot take now or a
+        request over the message limit."""
         if not self.ready.is_set():
-            raise ShuttingDown("server is not serving yet (warming up) or is shutting down")
+            raise NotServing("server is not serving yet (warming up) or is shutting down")
         self.registry.limits.check_message(request.ByteSize())
 
     def _info(self, handle) -> pb.ModelInfo:
@@ -70,14 +39,10 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             msg.params.add(name=name, shape=shape)
         return msg
 
-    def _batch(self, request, with_targets: bool = True):
-        X = decode_tensor(request.inputs, "inputs")
-        y = decode_tensor(request.targets, "targets") if with_targets else None
-        return X, y
-
     def _step(self, request) -> pb.TrainStepResponse:
+        self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = self._batch(request)
+        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
         r = self.registry.train_step(handle, X, y)
         if self.metrics is not None:
             self.metrics.step()
@@ -87,117 +52,92 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         return resp
 
     # -- RPCs -------------------------------------------------------------------
+    @rpc
     def CreateModel(self, request, context):
-        try:
-            self._check(request, context)
-            if not request.HasField("spec"):
-                raise ValueError("spec: is required")
-            handle, _ = self.registry.create(spec_from_message(request.spec), request.model_id)
-            return self._info(handle)
-        except Exception as exc:
-            self._fail(context, exc, "CreateModel")
+        self._admit(request)
+        if not request.HasField("spec"):
+            raise BadRequest("spec", "is required")
+        if request.model_id and not MODEL_ID.match(request.model_id):
+            raise BadRequest("model_id", f"{request.model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
+        handle, _ = self.registry.create(spec_from_message(request.spec), request.model_id)
+        return self._info(handle)
 
+    @rpc
     def TrainStep(self, request, context):
-        try:
-            self._check(request, context)
-            return self._step(request)
-        except Exception as exc:
-            self._fail(context, exc, "TrainStep")
+        return self._step(request)
 
+    @rpc
     def TrainStream(self, request_iterator, context):
-        try:
-            for request in request_iterator:
-                self._check(request, context)
-                yield self._step(request)
-        except grpc.RpcError:  # the client cancelled or went away: nothing to answer
-            log.debug("event=stream_cancelled method=TrainStream")
-        except Exception as exc:
-            self._fail(context, exc, "TrainStream")
+        for request in request_iterator:
+            yield self._step(request)
 
+    @rpc
     def Predict(self, request, context):
-        try:
-            self._check(request, context)
-            handle = self.registry.get(request.model_id)
-            X, _ = self._batch(request, with_targets=False)
-            out = self.registry.predict(handle, X, request.logits)
-            self.registry.limits.check_message(out.nbytes + 64, "the reply would have bytes:")
-            return pb.PredictResponse(outputs=encode_tensor(out, "outputs"))
-        except Exception as exc:
-            self._fail(context, exc, "Predict")
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        out = self.registry.predict(handle, decode_tensor(request.inputs, "inputs"), request.logits)
+        self.registry.limits.check_message(out.nbytes + 64, "the reply would have bytes:")
+        return pb.PredictResponse(outputs=encode_tensor(out, "outputs"))
 
+    @rpc
     def GetGradients(self, request, context):
-        try:
-            self._check(request, context)
-            handle = self.registry.get(request.model_id)
-            X, y = self._batch(request)
-            loss, grads, step = self.registry.gradients(handle, X, y)
-            resp = pb.GetGradientsResponse(loss=loss, step=step)
-            for name, g in grads.items():
-                encode_tensor(g, name, resp.gradients.add(name=name).tensor)
-            return resp
-        except Exception as exc:
-            self._fail(context, exc, "GetGradients")
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        loss, grads, step = self.registry.gradients(handle, X, y)
+        resp = pb.GetGradientsResponse(loss=loss, step=step)
+        for name, g in grads.items():
+            encode_tensor(g, name, resp.gradients.add(name=name).tensor)
+        return resp
 
+    @rpc
     def GetModel(self, request, context):
-        try:
-            self._check(request, context)
-            return self._info(self.registry.get(request.model_id))
-        except Exception as exc:
-            self._fail(context, exc, "GetModel")
+        self._admit(request)
+        return self._info(self.registry.get(request.model_id))
 
+    @rpc
     def ListModels(self, request, context):
-        try:
-            self._check(request, context)
-            resp = pb.ListModelsResponse()
-            for handle in self.registry.handles():
-                try:
-                    resp.models.append(self._info(handle))
-                except ModelNotFound:  # deleted meanwhile
-                    pass
-            return resp
-        except Exception as exc:
-            self._fail(context, exc, "ListModels")
+        self._admit(request)
+        resp = pb.ListModelsResponse()
+        for handle in self.registry.handles():
+            try:
+                resp.models.append(self._info(handle))
+            except ModelNotFound:  # deleted meanwhile
+                pass
+        return resp
 
+    @rpc
     def DeleteModel(self, request, context):
-        try:
-            self._check(request, context)
-            self.registry.delete(request.model_id)
-            return pb.DeleteModelResponse()
-        except Exception as exc:
-            self._fail(context, exc, "DeleteModel")
+        self._admit(request)
+        self.registry.delete(request.model_id)
+        return pb.DeleteModelResponse()
 
+    @rpc
     def GetWeights(self, request, context):
-        try:
-            self._check(request, context)
-            step, weights = self.registry.get_weights(self.registry.get(request.model_id))
-            resp = pb.GetWeightsResponse(step=step)
-            for name, w in weights.items():
-                encode_tensor(w, name, resp.weights.add(name=name).tensor)
-            return resp
-        except Exception as exc:
-            self._fail(context, exc, "GetWeights")
+        self._admit(request)
+        step, weights = self.registry.get_weights(self.registry.get(request.model_id))
+        resp = pb.GetWeightsResponse(step=step)
+        for name, w in weights.items():
+            encode_tensor(w, name, resp.weights.add(name=name).tensor)
+        return resp
 
+    @rpc
     def SetWeights(self, request, context):
-        try:
-            self._check(request, context)
-            handle = self.registry.get(request.model_id)
-            weights = {}
-            for t in request.weights:
-                if t.name in weights:
-                    raise ValueError(f"weights: {t.name!r} given twice")
-                weights[t.name] = decode_tensor(t.tensor, t.name)
-            self.registry.set_weights(handle, weights)
-            return self._info(handle)
-        except Exception as exc:
-            self._fail(context, exc, "SetWeights")
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        weights = {}
+        for t in request.weights:
+            if t.name in weights:
+                raise BadRequest("weights", f"{t.name!r} given twice")
+            weights[t.name] = decode_tensor(t.tensor, t.name)
+        self.registry.set_weights(handle, weights)
+        return self._info(handle)
 
+    @rpc
     def SaveModel(self, request, context):
-        try:
-            self._check(request, context)
-            handle = self.registry.get(request.model_id)
-            step = self.registry.checkpoint(handle)
-            if step is None:  # nothing new since the last commit
-                step = self.registry.describe(handle)["step"]
-            return pb.SaveModelResponse(step=step)
-        except Exception as exc:
-            self._fail(context, exc, "SaveModel")
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        step = self.registry.checkpoint(handle)
+        if step is None:  # nothing new since the last commit
+            step = self.registry.describe(handle)["step"]
+        return pb.SaveModelResponse(step=step)

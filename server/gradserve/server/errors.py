@@ -1,0 +1,104 @@
+"""The server's error contract: which exceptions are the caller's doing,
+the gRPC status each one gets, and ``rpc``, the decorator every RPC method
+goes through so that the mapping happens in one place.
+
+Only the exception types in ``STATUS`` are refusals; anything else (a bare
+ValueError, TypeError, KeyError, MemoryError...) is a server bug or an
+operator problem: INTERNAL, with its traceback in the log. A bad request is
+a ``BadRequest`` (or nnkernels' ``SpecError``/``InputError``, or the wire's
+``TensorError``), never a bare ValueError. MemoryError stays INTERNAL: the
+limits bound what a caller may ask for, so running out of memory within
+them means the limits are set too high for the machine.
+
+A refusal marked retry-safe in ``STATUS`` also carries the wire's
+``gradserve-retry-safe`` trailer (``gradserve.wire.status``): such errors
+must be raised before any model state changes.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteError, NotTrainableError,
+                                 SpecError)
+from gradserve.wire.status import mark_retry_safe
+from gradserve.wire.tensor import TensorError
+
+from .limits import LimitExceeded
+from .registry import ModelExists, ModelNotFound, ShuttingDown
+
+log = logging.getLogger("gradserve.servicer")
+
+
+class BadRequest(Exception):
+    """A request field is missing or malformed (INVALID_ARGUMENT). ``field``
+    names it as the caller wrote it (``spec``, ``model_id``, ``weights``)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class NotServing(Exception):
+    """The server is warming up or shutting down and runs no calls
+    (UNAVAILABLE, retry-safe)."""
+
+
+# exception types -> (status code, retry-safe); the first match wins
+STATUS = (
+    ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND, False),
+    (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
+    ((NonFiniteError, NotTrainableError, DeviceUnavailableError), grpc.StatusCode.FAILED_PRECONDITION, False),
+    ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
+    """(status code, details, retry-safe) for an exception an RPC raised."""
+    for types, code, retry_safe in STATUS:
+        if isinstance(exc, types):
+            return code, str(exc), retry_safe
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged its traceback", False
+
+
+def abort_with(context, exc: Exception, method: str):
+    """Ends the call with ``exc``'s status (``context.abort`` raises)."""
+    code, details, retry_safe = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("event=rpc_error method=%s error=%s", method, type(exc).__name__, exc_info=exc)
+    else:
+        log.debug("event=rpc_refused method=%s code=%s details=%r", method, code.name, details)
+    if retry_safe:
+        mark_retry_safe(context)
+    context.abort(code, details)
+
+
+def rpc(method):
+    """Wraps a servicer method (unary, or a generator for a stream) so any
+    exception it raises ends the call with the status ``STATUS`` gives it.
+    A stream that fails after some replies ends with that status too."""
+    name = method.__name__
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request_iterator, context):
+            try:
+                yield from method(self, request_iterator, context)
+            except grpc.RpcError:  # reading the next request failed: the client cancelled or went away
+                log.debug("event=stream_cancelled method=%s", name)
+            except Exception as exc:
+                abort_with(context, exc, name)
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            abort_with(context, exc, name)
+    return unary
