@@ -120,6 +120,32 @@ def test_updates_equal_sklearns_mlp_from_the_same_weights(server, solver, proble
         np.testing.assert_array_equal(ours.classes_, theirs.classes_)
 
 
+def test_alpha_is_sklearns_l2_up_to_the_bias_decay(server):
+    """alpha -> weight_decay = alpha/batch_size reproduces sklearn's L2 on the
+    weights; gradserve also decays the biases (torch's weight_decay), so the
+    weights end close to sklearn's, far closer than alpha moves them."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 5))
+    y = X @ rng.normal(size=5)
+    final = {}
+    for alpha in (0.0, 3.0):
+        settings = dict(hidden_layer_sizes=(8,), solver="sgd", alpha=alpha, batch_size=30, learning_rate_init=0.02,
+                        momentum=0.5, n_iter_no_change=100)
+        ours, theirs = GradServeRegressor(target=server.target, **settings), MLPRegressor(**settings)
+        _same_start(ours, theirs, X, y)
+        for est in (ours, theirs):
+            est.set_params(max_iter=10)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                est.fit(X, y)
+        final[alpha] = [np.concatenate([c.ravel() for c in est.coefs_]) for est in (ours, theirs)]
+    moved_by_alpha = np.abs(final[3.0][1] - final[0.0][1]).max()
+    ours_vs_sklearn = np.abs(final[3.0][0] - final[3.0][1]).max()
+    print(f"alpha moved the weights by {moved_by_alpha:.3g}; ours vs sklearn {ours_vs_sklearn:.3g}")
+    assert moved_by_alpha > 0.01
+    assert ours_vs_sklearn < 0.05 * moved_by_alpha, (ours_vs_sklearn, moved_by_alpha)
+
+
 # -- grid search on digits ------------------------------------------------------------
 def test_grid_search_on_digits_matches_mlpclassifier_and_cleans_up(server, client):
     X, y = load_digits(return_X_y=True)
