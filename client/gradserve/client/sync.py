@@ -184,6 +184,28 @@ class RemoteModel:
         """Replaces every parameter; optimizer state and step are kept."""
         self.info = _wire.model_info(self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights)))
 
+    def save_safetensors(self, path, *, names: str = "gradserve") -> None:
+        """Writes the weights to a safetensors file, named as gradserve
+        (``layers.{i}.weight``) or, with ``names="torch"``, as the
+        ``nn.Sequential`` of Linear and activation modules (``0.weight``,
+        ``2.weight``...); the spec goes into the file's metadata. Needs the
+        ``safetensors`` extra."""
+        from . import interop
+        interop.save_safetensors(self.get_weights(), path, names=names, spec=self.info.spec)
+
+    def load_safetensors(self, path) -> None:
+        """SetWeights from a safetensors file in either naming (see
+        ``save_safetensors``); optimizer state and step are kept."""
+        from . import interop
+        self.set_weights(interop.load_safetensors(path))
+
+    def export_onnx(self, path, *, opset: int = 17) -> None:
+        """Writes an ONNX graph (Gemm + activation nodes, the output kind,
+        dynamic batch, the model's dtype) computing what Predict computes.
+        Needs the ``onnx`` extra; see ``interop.onnx_model``."""
+        from . import interop
+        interop.export_onnx(self.info.spec, self.get_weights(), path, opset=opset)
+
     def save(self) -> int:
         """Checkpoints the model to the server's store now; returns the step saved."""
         return self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id)).step
