@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
+import grpc
 import numpy as np
 
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
@@ -97,11 +98,41 @@ def create_request(spec: dict, model_id: str | None) -> pb.CreateModelRequest:
     return req
 
 
-def train_request(model_id: str, X, y) -> pb.TrainStepRequest:
+def train_request(model_id: str, X, y, expected_step: int | None = None) -> pb.TrainStepRequest:
     req = pb.TrainStepRequest(model_id=model_id)
     encode_tensor(X, "inputs", req.inputs)
     encode_tensor(y, "targets", req.targets)
+    if expected_step is not None:
+        req.expected_step = expected_step
     return req
+
+
+STEP_METADATA = "gradserve-model-step"
+
+
+def conflict_step(exc) -> int | None:
+    """The model's step a TrainStep refused with ABORTED names (its
+    ``expected_step`` did not follow the model's step), else None."""
+    if exc.code() != grpc.StatusCode.ABORTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == STEP_METADATA:
+            return int(value)
+    return None
+
+
+class StepCounter:
+    """The step a model is known to have reached (from ModelInfo and every
+    reply); TrainStep requests name ``known + 1`` as their expected step.
+    Shared by threads using one RemoteModel: a stale value costs a refusal
+    (ABORTED, naming the step) and a resend, never a double step."""
+
+    def __init__(self, step: int):
+        self.known = step
+
+    def observe(self, step: int) -> None:
+        if step > self.known:
+            self.known = step
 
 
 def gradients_request(model_id: str, X, y) -> pb.GetGradientsRequest:

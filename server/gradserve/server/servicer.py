@@ -6,10 +6,10 @@ reply; every failure leaves through ``context.abort`` with one status code
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 
 import grpc
-import numpy as np
 
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.tensor import TensorError, decode_tensor, encode_tensor
@@ -19,9 +19,12 @@ from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteEr
                        NotTrainableError, SpecError)
 
 from .limits import LimitExceeded
-from .registry import ModelExists, ModelNotFound, ModelRegistry, ShuttingDown
+from .registry import (DurabilityOff, ModelExists, ModelNotFound, ModelRegistry, ModelUnavailable, ShuttingDown,
+                       StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
+
+STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 # exception type -> status code; the first match wins
 STATUS = (
@@ -29,6 +32,8 @@ STATUS = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (StepConflict, grpc.StatusCode.ABORTED),
+    ((ModelUnavailable, DurabilityOff), grpc.StatusCode.FAILED_PRECONDITION),
     ((NonFiniteError, NotTrainableError, DeviceUnavailableError), grpc.StatusCode.FAILED_PRECONDITION),
     ((SpecError, InputError, TensorError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -61,10 +66,10 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise ShuttingDown("server is not serving yet (warming up) or is shutting down")
         self.registry.limits.check_message(request.ByteSize())
 
-    def _info(self, handle) -> pb.ModelInfo:
-        d = self.registry.describe(handle)
+    def _info(self, handle, listing: bool = False) -> pb.ModelInfo:
+        d = self.registry.describe(handle, listing)
         msg = pb.ModelInfo(model_id=d["model_id"], num_params=d["num_params"], step=d["step"],
-                           created_unix=d["created"])
+                           created_unix=d["created"], load_error=d["load_error"])
         spec_to_message(d["spec"], msg.spec)
         for name, shape in d["params"]:
             msg.params.add(name=name, shape=shape)
@@ -75,16 +80,23 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         y = decode_tensor(request.targets, "targets") if with_targets else None
         return X, y
 
-    def _step(self, request) -> pb.TrainStepResponse:
-        handle = self.registry.get(request.model_id)
-        X, y = self._batch(request)
-        r = self.registry.train_step(handle, X, y)
+    def _step(self, request, context):
+        """Applies one TrainStep; returns (reply, commit): send the reply once
+        ``commit.wait()`` returns (the step is durable)."""
+        try:
+            handle = self.registry.get(request.model_id)
+            X, y = self._batch(request)
+            expected = request.expected_step if request.HasField("expected_step") else None
+            r, commit = self.registry.train_step(handle, X, y, expected)
+        except StepConflict as exc:
+            context.set_trailing_metadata((("gradserve-model-step", str(exc.current_step)),))
+            raise
         if self.metrics is not None:
             self.metrics.step()
         resp = pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
         if r.accuracy is not None:
             resp.accuracy = r.accuracy
-        return resp
+        return resp, commit
 
     # -- RPCs -------------------------------------------------------------------
     def CreateModel(self, request, context):
@@ -100,15 +112,55 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def TrainStep(self, request, context):
         try:
             self._check(request, context)
-            return self._step(request)
+            resp, commit = self._step(request, context)
+            commit.wait()  # the step computed while its log record became durable
+            return resp
         except Exception as exc:
             self._fail(context, exc, "TrainStep")
 
     def TrainStream(self, request_iterator, context):
+        """Steps are applied by a reader thread as requests arrive; replies
+        leave in order, each once its step is durable, so step k+1 computes
+        while step k's record is made durable."""
+        applied: queue.Queue = queue.Queue(maxsize=STREAM_AHEAD)
+        end = object()
+
+        def put(item) -> bool:
+            while context.is_active():
+                try:
+                    applied.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read_and_apply() -> None:
+            try:
+                for request in request_iterator:
+                    self._check(request, context)
+                    if not put(self._step(request, context)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 — handed to the replying side
+                put(exc)
+                return
+            put(end)
+
+        threading.Thread(target=read_and_apply, name="train-stream", daemon=True).start()
         try:
-            for request in request_iterator:
-                self._check(request, context)
-                yield self._step(request)
+            while True:
+                try:
+                    item = applied.get(timeout=0.2)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                resp, commit = item
+                commit.wait()
+                yield resp
         except grpc.RpcError:  # the client cancelled or went away: nothing to answer
             log.debug("event=stream_cancelled method=TrainStream")
         except Exception as exc:
@@ -151,7 +203,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             resp = pb.ListModelsResponse()
             for handle in self.registry.handles():
                 try:
-                    resp.models.append(self._info(handle))
+                    resp.models.append(self._info(handle, listing=True))
                 except ModelNotFound:  # deleted meanwhile
                     pass
             return resp
@@ -195,9 +247,6 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         try:
             self._check(request, context)
             handle = self.registry.get(request.model_id)
-            step = self.registry.checkpoint(handle)
-            if step is None:  # nothing new since the last commit
-                step = self.registry.describe(handle)["step"]
-            return pb.SaveModelResponse(step=step)
+            return pb.SaveModelResponse(step=self.registry.save(handle))
         except Exception as exc:
             self._fail(context, exc, "SaveModel")
