@@ -143,7 +143,9 @@ def nonfinite_parts(model: Model) -> list[str]:
         if a.dtype.kind != "f" or a.size == 0:
             continue
         flat = a.reshape(-1)
-        if not math.isfinite(float(np.dot(flat, flat))) and not np.isfinite(flat).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            square_sum = float(np.dot(flat, flat))
+        if not math.isfinite(square_sum) and not np.isfinite(flat).all():
             bad.append(name)
     return bad
 
@@ -257,7 +259,8 @@ class ModelRegistry:
         t0 = time.perf_counter()
         handles = [self._load_snapshot(stored) for stored in self.store.models()]
         by_uid = {h.uid: h for h in handles if h.model is not None}
-        progress = {h.uid: _Replay(start=min(p for _, p in h.kept), fell_back=h.fell_back) for h in by_uid.values()}
+        # replay from the snapshot loaded (kept[0]); older kept ones only hold the log back
+        progress = {h.uid: _Replay(start=h.kept[0][1], fell_back=h.fell_back) for h in by_uid.values()}
         damage: list[Damage] = []
         segments = segment_numbers(self.log_dir) if self.log_dir is not None else []
         # where records written from now on start: past everything on disk
