@@ -3,6 +3,7 @@ each --durability setting. Each test starts its own server processes on
 one SQLite file; weights are checked against an in-process replay of the
 same batches, then one more step on both checks the optimizer state too."""
 import signal
+import sqlite3
 import threading
 import time
 
@@ -42,6 +43,17 @@ def assert_matches_replay(remote, steps: int) -> None:
     want = local.get_weights()
     for name, w in remote.get_weights().items():
         np.testing.assert_array_equal(w, want[name], err_msg=name)
+
+
+def wait_for_snapshot(store, model_id: str, version: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(store) as db:
+            row = db.execute("SELECT MAX(version) FROM snapshots WHERE model_id = ?", (model_id,)).fetchone()
+        if row[0] is not None and row[0] >= version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no snapshot of {model_id} at version {version} after {timeout} s")
 
 
 def test_step_durability_survives_sigkill_mid_training_at_the_last_acknowledged_step(tmp_path):
@@ -88,6 +100,7 @@ def test_interval_durability_after_sigkill_serves_the_last_checkpoint(tmp_path):
         remote = c.create_model(**SPEC, model_id="interval")
         for k in range(12):
             remote.train_step(*batch(k))
+    wait_for_snapshot(store, "interval", version=10)  # written in the background
     proc.kill()
     restarted = ServerProcess(store, *flags)
     try:
