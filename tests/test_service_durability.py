@@ -9,6 +9,7 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from gradserve.client import Client
 from gradserve.nnkernels import Model, ModelSpec
@@ -166,5 +167,26 @@ def test_interval_durability_commits_a_changed_model_after_checkpoint_seconds(tm
     try:
         with Client(restarted.target, timeout=30) as c:
             assert_matches_replay(c.get_model("timed"), 3)
+    finally:
+        restarted.stop()
+
+
+def test_durability_none_keeps_models_in_memory_only(tmp_path):
+    store = tmp_path / "g.db"
+    proc = ServerProcess(store, "--durability", "none")
+    with Client(proc.target, timeout=30) as c:
+        remote = c.create_model(**SPEC, model_id="volatile")
+        for k in range(3):
+            remote.train_step(*batch(k))
+        assert_matches_replay(remote, 3)
+        with pytest.raises(grpc.RpcError) as err:
+            remote.save()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "memory only" in err.value.details()
+    assert proc.stop() == 0
+    assert not store.exists() and not (tmp_path / "g.db.mutations").exists()
+    restarted = ServerProcess(store, "--durability", "none")
+    try:
+        with Client(restarted.target, timeout=30) as c:
+            assert c.list_models() == []
     finally:
         restarted.stop()

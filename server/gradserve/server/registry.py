@@ -135,9 +135,14 @@ class Durability:
 def nonfinite_parts(model: Model) -> list[str]:
     """Names of the state arrays (params, optimizer.*) holding Inf or NaN.
 
-    A dot product of an array with itself is finite iff every element is
-    finite and no square overflows; it runs at BLAS speed, so the exact
-    elementwise test runs only when the dot is not finite."""
+    Uses the model's own ``nonfinite_state()`` when nnkernels provides one
+    (a fused pass over the device buffers, no copies). Otherwise from the
+    ``state_dict`` copies: a dot product of an array with itself is finite
+    iff every element is finite and no square overflows; it runs at BLAS
+    speed, so the exact elementwise test runs only when the dot is not."""
+    fused = getattr(model, "nonfinite_state", None)
+    if fused is not None:
+        return list(fused())
     bad = []
     for name, a in model.state_dict().items():
         if a.dtype.kind != "f" or a.size == 0:
@@ -431,6 +436,7 @@ class ModelRegistry:
                     except Exception:
                         self._stats["snapshot_failures"] += 1
                         log.exception("event=snapshot_failed model_id=%s", handle.model_id)
+                        self._stop.wait(1.0)  # a failing store is not retried on every step
             if self._log is not None:
                 self._trim_log()
 
