@@ -231,8 +231,13 @@ class ModelRegistry:
             raise ValueError(f"durability {durability.mode!r} needs a store")
         self.log_dir = Path(log_dir) if log_dir is not None else (
             Path(store.path + ".mutations") if store is not None else None)
-        self._log: WriteAheadLog | None = None
-        self._recovered_end = 0
+        # where records written from now on start: past everything on disk
+        segments = segment_numbers(self.log_dir) if self.log_dir is not None else []
+        self._recovered_end = lsn(segments[-1] + 1, 0) if segments else 0
+        # step durability appends to a new segment after those a recovery reads
+        self._log: WriteAheadLog | None = (
+            WriteAheadLog(self.log_dir, segment_bytes=int(durability.segment_mb * (1 << 20)))
+            if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
         self._lock = threading.Lock()  # guards _models only
         self._stop = threading.Event()
@@ -268,10 +273,6 @@ class ModelRegistry:
         progress = {h.uid: _Replay(start=h.kept[0][1], fell_back=h.fell_back) for h in by_uid.values()}
         damage: list[Damage] = []
         segments = segment_numbers(self.log_dir) if self.log_dir is not None else []
-        # where records written from now on start: past everything on disk
-        self._recovered_end = lsn(segments[-1] + 1, 0) if segments else 0
-        if self.durability.mode == "step":
-            self._log = WriteAheadLog(self.log_dir, segment_bytes=int(self.durability.segment_mb * (1 << 20)))
         if by_uid and segments:
             start = min(p.start for p in progress.values())
             for position, payload in scan(self.log_dir, start, damage):
