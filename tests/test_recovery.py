@@ -246,3 +246,28 @@ def test_a_retried_step_gets_its_original_reply_even_after_a_restart(tmp_path):
     for k in range(7):
         assert recovered.train_step(h, *batch(k), expected_step=k + 1)[0] == replies[k]
     assert h.model.step == 7
+
+
+def test_log_segments_go_once_both_kept_snapshots_cover_them(tmp_path):
+    store = tmp_path / "g.db"
+    registry = open_registry(store, segment_mb=0.002)  # 2 KiB segments: a few records each
+    handle, _ = registry.create(SPEC, "m")
+    local = Model(ModelSpec.from_dict(handle.spec.to_dict()))
+    segments = lambda: sorted((tmp_path / "g.db.mutations").glob("*.wal"))  # noqa: E731
+    train(registry, handle, local, range(30))
+    registry.snapshot(handle)
+    registry._trim_log()
+    at_first_snapshot = len(segments())  # the snapshot at creation still needs all of them
+    train(registry, handle, local, range(30, 40))
+    registry.snapshot(handle)  # kept: versions 40 and 30
+    registry._trim_log()
+    assert len(segments()) < at_first_snapshot
+    crash(registry)
+    flip_newest_snapshot_byte(store)  # the fallback to version 30 finds its records
+    recovered = open_registry(store, segment_mb=0.002)
+    h = recovered.get("m")
+    assert_same_state(h.model, local)
+    # an idle model gets a second copy of its newest snapshot, and then needs no log at all
+    recovered.snapshot(h, unpin=True)
+    recovered._trim_log()
+    assert len(segments()) == 1  # the one being written
