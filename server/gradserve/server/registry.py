@@ -262,8 +262,8 @@ class ModelRegistry:
     # -- lifecycle ----------------------------------------------------------------
     def load_stored(self) -> int:
         """Serves every stored model at its last durable state (newest good
-        snapshot + the log after it); returns how many loaded. Then opens
-        the log for appending (step durability)."""
+        snapshot + the log after it); returns how many loaded. Log segments
+        no kept snapshot needs any more are removed."""
         if self.store is None:
             return 0
         t0 = time.perf_counter()
@@ -309,10 +309,7 @@ class ModelRegistry:
                                                    (p.applied and self.durability.mode != "step")):
                 self.snapshot(h, persist=True)
         loaded = sum(h.model is not None for h in handles)
-        if self.durability.mode == "step":
-            self._trim_log()
-        elif self.durability.mode == "interval":
-            self._trim_log()  # a log left by a run with step durability goes once snapshots cover it
+        self._trim_log()  # under interval, a log left by a run with step durability goes once covered
         log.info("event=recovered models=%d loaded=%d replayed_records=%d damaged_log_bytes=%d seconds=%.3f",
                  len(handles), loaded, replayed, sum(d.nbytes for d in damage), time.perf_counter() - t0)
         return loaded
