@@ -78,6 +78,10 @@ def config_from_args(args):
                                 args.checkpoint_log_mb, args.checkpoint_replay_seconds, args.log_segment_mb)
     except ValueError as exc:
         raise SystemExit(f"gradserve: {exc}") from None
+    if args.durability == "step" and args.sqlite_sync == "normal":
+        # the log is trimmed behind snapshots: a snapshot a power loss can undo would take its log with it
+        raise SystemExit("gradserve: --sqlite-sync normal does not go with --durability step (the mutation log "
+                         "is trimmed behind snapshots, which must be fsynced); use full, or --durability interval")
     return ServerConfig(
         host=args.host, port=args.port, store=args.store,
         durability=durability,
