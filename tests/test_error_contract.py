@@ -54,7 +54,7 @@ def calls(model_id):
         "DeleteModel": ("delete", pb.DeleteModelRequest(model_id=model_id)),
         "GetWeights": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
         "SetWeights": ("set_weights", set_weights),
-        "SaveModel": ("checkpoint", pb.SaveModelRequest(model_id=model_id)),
+        "SaveModel": ("save", pb.SaveModelRequest(model_id=model_id)),
     }
 
 

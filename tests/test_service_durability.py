@@ -3,11 +3,13 @@ each --durability setting. Each test starts its own server processes on
 one SQLite file; weights are checked against an in-process replay of the
 same batches, then one more step on both checks the optimizer state too."""
 import signal
+import sqlite3
 import threading
 import time
 
 import grpc
 import numpy as np
+import pytest
 
 from gradserve.client import Client
 from gradserve.nnkernels import Model, ModelSpec
@@ -42,6 +44,17 @@ def assert_matches_replay(remote, steps: int) -> None:
     want = local.get_weights()
     for name, w in remote.get_weights().items():
         np.testing.assert_array_equal(w, want[name], err_msg=name)
+
+
+def wait_for_snapshot(store, model_id: str, version: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(store) as db:
+            row = db.execute("SELECT MAX(version) FROM snapshots WHERE model_id = ?", (model_id,)).fetchone()
+        if row[0] is not None and row[0] >= version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no snapshot of {model_id} at version {version} after {timeout} s")
 
 
 def test_step_durability_survives_sigkill_mid_training_at_the_last_acknowledged_step(tmp_path):
@@ -88,11 +101,15 @@ def test_interval_durability_after_sigkill_serves_the_last_checkpoint(tmp_path):
         remote = c.create_model(**SPEC, model_id="interval")
         for k in range(12):
             remote.train_step(*batch(k))
+    wait_for_snapshot(store, "interval", version=10)  # written in the background
     proc.kill()
+    with sqlite3.connect(store) as db:  # the background snapshot copied the model at 10, 11 or 12
+        (saved,) = db.execute("SELECT MAX(step) FROM snapshots WHERE model_id = 'interval'").fetchone()
+    assert 10 <= saved <= 12
     restarted = ServerProcess(store, *flags)
     try:
         with Client(restarted.target, timeout=30) as c:
-            assert_matches_replay(c.get_model("interval"), 10)
+            assert_matches_replay(c.get_model("interval"), saved)
     finally:
         assert restarted.stop() == 0
 
@@ -153,5 +170,26 @@ def test_interval_durability_commits_a_changed_model_after_checkpoint_seconds(tm
     try:
         with Client(restarted.target, timeout=30) as c:
             assert_matches_replay(c.get_model("timed"), 3)
+    finally:
+        restarted.stop()
+
+
+def test_durability_none_keeps_models_in_memory_only(tmp_path):
+    store = tmp_path / "g.db"
+    proc = ServerProcess(store, "--durability", "none")
+    with Client(proc.target, timeout=30) as c:
+        remote = c.create_model(**SPEC, model_id="volatile")
+        for k in range(3):
+            remote.train_step(*batch(k))
+        assert_matches_replay(remote, 3)
+        with pytest.raises(grpc.RpcError) as err:
+            remote.save()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "memory only" in err.value.details()
+    assert proc.stop() == 0
+    assert not store.exists() and not (tmp_path / "g.db.mutations").exists()
+    restarted = ServerProcess(store, "--durability", "none")
+    try:
+        with Client(restarted.target, timeout=30) as c:
+            assert c.list_models() == []
     finally:
         restarted.stop()

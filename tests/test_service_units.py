@@ -16,7 +16,8 @@ from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
 from gradserve.server.rwlock import ReadWriteLock
 from gradserve.server.servicer import TrainerServicer
-from gradserve.server.store import SqliteStore
+from gradserve.server import wal
+from gradserve.server.store import SqliteStore, StoredModel
 
 SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
 
@@ -33,6 +34,9 @@ class FakeContext:
 
     def set_trailing_metadata(self, pairs):
         self.trailing_metadata = tuple(pairs)
+
+    def is_active(self):
+        return True
 
     def abort(self, code, details):
         self.code, self.details = code, details
@@ -54,16 +58,23 @@ def create(servicer, model_id=""):
     return servicer.CreateModel(req, FakeContext())
 
 
-def test_store_round_trips_state_including_zero_d_arrays(tmp_path):
+def test_store_round_trips_snapshots_including_zero_d_arrays_and_keeps_the_newest_two(tmp_path):
     store = SqliteStore(str(tmp_path / "s.db"))
     state = {"params": np.arange(5, dtype=np.float32), "step": np.array(7, dtype=np.int64)}
-    store.save("m", {"x": 1}, 1.5, state)
-    got = store.load("m")
-    assert got.step == 7 and got.spec == {"x": 1} and got.created == 1.5
-    assert got.state["step"].shape == () and int(got.state["step"]) == 7
-    np.testing.assert_array_equal(got.state["params"], state["params"])
+    store.create(StoredModel("m", 42, {"x": 1}, 1.5), 0, 0, 16, state, {})
+    for version in (1, 2, 3):
+        oldest = store.put_snapshot("m", version, 7, 100 * version, {**state, "params": state["params"] + version},
+                                    {"replies": [[version]]})
+    assert oldest == 200  # versions 3 and 2 kept
+    (m,) = store.models()
+    assert (m.model_id, m.uid, m.spec, m.created) == ("m", 42, {"x": 1}, 1.5)
+    newest, older = store.snapshots("m")
+    assert (newest.version, newest.log_position, older.version) == (3, 300, 2)
+    got, extra = newest.unpack()
+    assert got["step"].shape == () and int(got["step"]) == 7 and extra == {"replies": [[3]]}
+    np.testing.assert_array_equal(got["params"], state["params"] + 3)
     store.delete("m")
-    assert store.model_ids() == []
+    assert store.model_ids() == [] and store.snapshots("m") == []
     store.close()
 
 
@@ -145,24 +156,22 @@ def test_console_script_is_installed_with_the_serve_command():
     assert out.returncode == 0 and "GRADSERVE_MAX_MESSAGE_MB" in out.stdout
 
 
-def test_failed_commit_under_step_durability_leaves_the_model_at_its_last_commit(tmp_path):
+def test_a_failed_log_write_fails_the_step_and_every_later_mutation(tmp_path, monkeypatch):
     store = SqliteStore(str(tmp_path / "s.db"))
     registry = ModelRegistry(store, durability=Durability("step"))
     handle, _ = registry.create(SPEC)
     X, y = np.ones((2, 3), np.float32), np.array([0, 1])
-    registry.train_step(handle, X, y)
-    before = handle.model.get_weights()
-    real_save = store.save
+    registry.train_step(handle, X, y)[1].wait()
 
-    def failing_save(*args, **kwargs):
+    def failing_writev(fd, buffers):
         raise OSError("disk full")
 
-    store.save = failing_save
-    with pytest.raises(OSError):
+    monkeypatch.setattr(wal.os, "writev", failing_writev)
+    with pytest.raises(wal.LogFailed, match="disk full"):
+        registry.train_step(handle, X, y)[1].wait()  # never acknowledged
+    with pytest.raises(wal.LogFailed):  # and the log takes nothing more
         registry.train_step(handle, X, y)
-    store.save = real_save
-    assert handle.model.step == 1
-    for name, w in handle.model.get_weights().items():
-        np.testing.assert_array_equal(w, before[name])
-    assert registry.train_step(handle, X, y).step == 2
-    store.close()
+    monkeypatch.undo()
+    restarted = ModelRegistry(SqliteStore(str(tmp_path / "s.db")), durability=Durability("step"))
+    restarted.load_stored()
+    assert restarted.get(handle.model_id).model.step == 1  # the last durable step

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from typing import Any, Iterator
 
+import grpc
 import numpy as np
 
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
+from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 
@@ -97,11 +100,88 @@ def create_request(spec: dict, model_id: str | None) -> pb.CreateModelRequest:
     return req
 
 
-def train_request(model_id: str, X, y) -> pb.TrainStepRequest:
+def train_request(model_id: str, X, y, expected_step: int | None = None) -> pb.TrainStepRequest:
     req = pb.TrainStepRequest(model_id=model_id)
     encode_tensor(X, "inputs", req.inputs)
     encode_tensor(y, "targets", req.targets)
+    if expected_step is not None:
+        req.expected_step = expected_step
     return req
+
+
+STEP_METADATA = "gradserve-model-step"
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def conflict_step(exc) -> int | None:
+    """The model's step a TrainStep refused with ABORTED names (its
+    ``expected_step`` did not follow the model's step), else None."""
+    if exc.code() != grpc.StatusCode.ABORTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == STEP_METADATA:
+            return int(value)
+    return None
+
+
+class StepCounter:
+    """The step a model is known to have reached (from ModelInfo and every
+    reply); TrainStep requests name ``known + 1`` as their expected step.
+    Shared by threads using one RemoteModel: a stale value costs a refusal
+    (ABORTED, naming the step) and a resend, never a double step."""
+
+    def __init__(self, step: int):
+        self.known = step
+
+    def observe(self, step: int) -> None:
+        if step > self.known:
+            self.known = step
+
+
+class TrainAttempts:
+    """The exactly-once retry policy of one TrainStep, shared by the blocking
+    and the asyncio client. Each attempt sends ``request`` (the batch is
+    encoded once), naming the step it produces. After a failure,
+    ``retry_delay(exc)`` returns the seconds to wait before the next attempt
+    or raises ``exc``:
+
+    - ABORTED naming the model's step, before any attempt that may have been
+      applied: another writer moved the model on; resend for the next step
+      at once;
+    - UNAVAILABLE (a refusal, or a connection lost mid-call, after which the
+      step may have been applied): resend unchanged after exponential
+      back-off with jitter; the server answers an applied step with its
+      original reply. A failure without the retry-safe trailer marks the
+      step as possibly applied, so a later step conflict is raised rather
+      than resent for yet another step;
+    - anything else, or ``retries`` exhausted: raise.
+    """
+
+    def __init__(self, model_id: str, X, y, steps: StepCounter, retries: int, backoff: float):
+        self.steps = steps
+        self.request = train_request(model_id, X, y, steps.known + 1)
+        self.maybe_applied = False
+        self.retries_left = retries
+        self.delay = backoff
+
+    def retry_delay(self, exc) -> float:
+        current = conflict_step(exc)
+        if current is not None and not self.maybe_applied:
+            self.steps.observe(current)
+            self.request.expected_step = self.steps.known + 1
+            return 0.0
+        if exc.code() not in RETRYABLE or self.retries_left <= 0:
+            raise exc
+        self.maybe_applied = self.maybe_applied or not is_retry_safe(exc)
+        self.retries_left -= 1
+        delay = self.delay * (1 + random.random())
+        self.delay *= 2
+        return delay
+
+    def result(self, resp: pb.TrainStepResponse) -> StepResult:
+        result = step_result(resp)
+        self.steps.observe(result.step)
+        return result
 
 
 def gradients_request(model_id: str, X, y) -> pb.GetGradientsRequest:

@@ -14,7 +14,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import _Connection, retryable
+from .sync import RETRYABLE, _Connection, retryable
 
 
 class AsyncClient(_Connection):
@@ -72,13 +72,26 @@ class AsyncRemoteModel:
         self.client = client
         self.info = info
         self.model_id = info.model_id
+        self._steps = _wire.StepCounter(info.step)
 
     async def refresh(self) -> ModelInfo:
         self.info = _wire.model_info(await self.client._call("GetModel", pb.GetModelRequest(model_id=self.model_id)))
+        self._steps.observe(self.info.step)
         return self.info
 
     async def train_step(self, X, y, *, timeout: float | None = None) -> StepResult:
-        return _wire.step_result(await self.client._call("TrainStep", _wire.train_request(self.model_id, X, y), timeout))
+        """Applied exactly once, retried like ``RemoteModel.train_step``."""
+        client = self.client
+        attempts = _wire.TrainAttempts(self.model_id, X, y, self._steps, client.retries, client.backoff)
+        while True:
+            try:
+                resp = await client._stub.TrainStep(attempts.request,
+                                                    timeout=client.timeout if timeout is None else timeout,
+                                                    metadata=client._metadata)
+            except grpc.aio.AioRpcError as exc:
+                await asyncio.sleep(attempts.retry_delay(exc))  # raises when the step must not be sent again
+                continue
+            return attempts.result(resp)
 
     async def predict(self, X, *, logits: bool = False, timeout: float | None = None) -> np.ndarray:
         parts = []
@@ -105,10 +118,15 @@ class AsyncRemoteModel:
         await self.client.delete_model(self.model_id)
 
     async def train_stream(self, batches, *, timeout: float | None = None):
-        """Async generator of StepResults, one per (X, y) in ``batches``."""
-        requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
+        """Async generator of StepResults, one per (X, y) in ``batches``;
+        each request names its step, so none is applied twice (a broken
+        stream is raised, not reopened: see ``RemoteModel.train_stream``)."""
+        start = (await self.refresh()).step
+        requests = (_wire.train_request(self.model_id, X, y, start + k + 1) for k, (X, y) in enumerate(batches))
         async for resp in self.client._stub.TrainStream(requests, timeout=timeout, metadata=self.client._metadata):
-            yield _wire.step_result(resp)
+            result = _wire.step_result(resp)
+            self._steps.observe(result.step)
+            yield result
 
     async def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
                   validation_data=None, seed: int | None = None, timeout: float | None = None

@@ -4,7 +4,9 @@ the server's status code and a message naming the field or limit."""
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections import deque
 from typing import Any
 
 import grpc
@@ -16,9 +18,8 @@ from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor
 
 from . import _wire
-from ._wire import ModelInfo, StepResult
+from ._wire import RETRYABLE, ModelInfo, StepResult
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 # A TrainStep applies an optimizer step, and UNAVAILABLE also reports a
 # connection lost after the server received (and maybe applied) the call:
 # retrying then would train twice on the batch. So a TrainStep is retried
@@ -85,10 +86,11 @@ class Client(_Connection):
     ``timeout``: default deadline in seconds for each unary call (None: no
     deadline; streams default to none). ``retries``: how many times a call
     that failed with UNAVAILABLE is tried again, after exponential back-off
-    (``backoff`` seconds, doubling, with jitter); a TrainStep only when the
-    server marked it retry-safe (see ``retryable``), so a retry never
-    repeats a step. ``max_message_mb`` must not exceed the server's limit; Predict
-    splits larger batches to fit.
+    (``backoff`` seconds, doubling, with jitter). A TrainStep names the step
+    it produces (``expected_step``), so the server applies it exactly once:
+    it is retried on UNAVAILABLE and dropped connections too, and a broken
+    TrainStream is reopened where it stopped. ``max_message_mb`` must not
+    exceed the server's limit; Predict splits larger batches to fit.
     """
 
 
@@ -146,12 +148,14 @@ class RemoteModel:
         self.client = client
         self.info = info
         self.model_id = info.model_id
+        self._steps = _wire.StepCounter(info.step)
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.model_id!r}, params={self.info.num_params}, target={self.client.target!r})"
 
     def refresh(self) -> ModelInfo:
         self.info = _wire.model_info(self.client._call("GetModel", pb.GetModelRequest(model_id=self.model_id)))
+        self._steps.observe(self.info.step)
         return self.info
 
     @property
@@ -160,8 +164,24 @@ class RemoteModel:
         return self.refresh().step
 
     def train_step(self, X, y, *, timeout: float | None = None) -> StepResult:
-        """One optimizer step on the batch (X, y)."""
-        return _wire.step_result(self.client._call("TrainStep", _wire.train_request(self.model_id, X, y), timeout))
+        """One optimizer step on the batch (X, y), applied exactly once.
+
+        The request names the step it produces. On UNAVAILABLE or a dropped
+        connection it is sent again unchanged (the server answers a step it
+        already applied with the original reply). When the server refuses a
+        first attempt because the model moved on (another writer), the
+        request is resent for the next step; after a failed attempt that may
+        have been applied, such a refusal is raised instead."""
+        client = self.client
+        attempts = _wire.TrainAttempts(self.model_id, X, y, self._steps, client.retries, client.backoff)
+        while True:
+            try:
+                resp = client._stub.TrainStep(attempts.request, timeout=client.timeout if timeout is None else timeout,
+                                              metadata=client._metadata)
+            except grpc.RpcError as exc:
+                time.sleep(attempts.retry_delay(exc))  # raises when the step must not be sent again
+                continue
+            return attempts.result(resp)
 
     def predict(self, X, *, logits: bool = False, timeout: float | None = None) -> np.ndarray:
         """Outputs (probabilities for classifiers; pre-activation logits with
@@ -215,10 +235,57 @@ class RemoteModel:
 
     def train_stream(self, batches, *, timeout: float | None = None):
         """Streams (X, y) batches through TrainStream; yields a StepResult
-        per batch, in order, without a round trip per batch."""
-        requests = (_wire.train_request(self.model_id, X, y) for X, y in batches)
-        for resp in self.client._stub.TrainStream(requests, timeout=timeout, metadata=self.client._metadata):
-            yield _wire.step_result(resp)
+        per batch, in order, without a round trip per batch.
+
+        Each request names the step it produces (from the model's step, read
+        first). When the stream breaks with UNAVAILABLE (a dropped
+        connection, a server restart) it is reopened after back-off (up to
+        the client's ``retries`` in a row) and every batch not yet answered
+        is sent again: the server answers those it had applied with their
+        original replies, so no batch is lost or trained twice."""
+        client = self.client
+        self.refresh()
+        source = iter(batches)
+        unanswered: deque = deque()  # (expected step, X, y), in order
+        lock = threading.Lock()
+        state = {"next": self._steps.known + 1, "generation": 0}
+
+        def requests(generation: int):
+            for expected, X, y in list(unanswered):
+                yield _wire.train_request(self.model_id, X, y, expected)
+            while True:
+                with lock:  # a request thread of a broken call must not take batches
+                    if generation != state["generation"]:
+                        return
+                    try:
+                        X, y = next(source)
+                    except StopIteration:
+                        return
+                    expected = state["next"]
+                    state["next"] += 1
+                    unanswered.append((expected, X, y))
+                yield _wire.train_request(self.model_id, X, y, expected)
+
+        retries, delay = 0, client.backoff
+        while True:
+            try:
+                call = client._stub.TrainStream(requests(state["generation"]), timeout=timeout,
+                                                metadata=client._metadata)
+                for resp in call:
+                    unanswered.popleft()
+                    result = _wire.step_result(resp)
+                    self._steps.observe(result.step)
+                    retries, delay = 0, client.backoff
+                    yield result
+                return
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or retries >= client.retries:
+                    raise
+                with lock:
+                    state["generation"] += 1
+                retries += 1
+                time.sleep(delay * (1 + random.random()))
+                delay *= 2
 
     def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data=None, seed: int | None = None, progress: bool = True,

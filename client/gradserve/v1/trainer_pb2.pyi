@@ -185,30 +185,34 @@ class ParamShape(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "num_params", "spec", "step", "created_unix", "params")
+    __slots__ = ("model_id", "num_params", "spec", "step", "created_unix", "params", "load_error")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_params: int
     spec: ModelSpec
     step: int
     created_unix: float
     params: _containers.RepeatedCompositeFieldContainer[ParamShape]
-    def __init__(self, model_id: _Optional[str] = ..., num_params: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., params: _Optional[_Iterable[_Union[ParamShape, _Mapping]]] = ...) -> None: ...
+    load_error: str
+    def __init__(self, model_id: _Optional[str] = ..., num_params: _Optional[int] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., step: _Optional[int] = ..., created_unix: _Optional[float] = ..., params: _Optional[_Iterable[_Union[ParamShape, _Mapping]]] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class TrainStepRequest(_message.Message):
-    __slots__ = ("model_id", "inputs", "targets")
+    __slots__ = ("model_id", "inputs", "targets", "expected_step")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     inputs: Tensor
     targets: Tensor
-    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    expected_step: int
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class TrainStepResponse(_message.Message):
     __slots__ = ("step", "loss", "accuracy", "grad_norm", "lr")

@@ -116,7 +116,8 @@ class GradServer:
         cfg = self.config
         t0 = time.perf_counter()
         sync = cfg.sqlite_sync or ("FULL" if cfg.durability.mode == "step" else "NORMAL")
-        self.store = SqliteStore(cfg.store, synchronous=sync)
+        # --durability none keeps models in memory only: no store is opened
+        self.store = SqliteStore(cfg.store, synchronous=sync) if cfg.durability.mode != "none" else None
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
         self.servicer = TrainerServicer(self.registry, self.metrics)

@@ -14,13 +14,20 @@ from .registry import Durability
 SERVE_FLAGS = [
     ("host", str, "127.0.0.1", "address to listen on"),
     ("port", int, 50051, "port (0: any free port; the log line event=serving names it)"),
-    ("store", str, "./gradserve.db", "SQLite file holding every model"),
-    ("durability", str, "step", "step: commit every acknowledged step before replying; "
-                                "interval: every --checkpoint-steps steps or --checkpoint-seconds, and at shutdown"),
-    ("sqlite-sync", str, "", "full: fsync every commit (survives power loss); normal: survives a process crash "
-                             "only, about half the cost; empty: full for step durability, normal for interval"),
-    ("checkpoint-steps", int, 100, "interval durability: commit a model after this many steps"),
-    ("checkpoint-seconds", float, 30.0, "interval durability: commit a changed model after this many seconds"),
+    ("store", str, "./gradserve.db", "SQLite file holding every model's spec and snapshots (the mutation log "
+                                     "lives beside it, in STORE.mutations/)"),
+    ("durability", str, "step", "step: log every mutation (a step's batch, set-weights) and make it durable "
+                                "before replying, snapshots in the background; interval: snapshots only, every "
+                                "--checkpoint-steps or --checkpoint-seconds and at shutdown; none: memory only"),
+    ("sqlite-sync", str, "", "full: fsync every snapshot commit (survives power loss); normal: survives a process "
+                             "crash only; empty: full for step durability, normal for interval"),
+    ("checkpoint-steps", int, 1000, "snapshot a model after this many mutations"),
+    ("checkpoint-seconds", float, 60.0, "snapshot a changed model after this many seconds"),
+    ("checkpoint-log-mb", float, 64.0, "step durability: snapshot a model once it logged this many MiB since its "
+                                       "last snapshot"),
+    ("checkpoint-replay-seconds", float, 0.25, "step durability: snapshot a model once its steps since the last "
+                                               "snapshot took this long to compute (bounds its replay at restart)"),
+    ("log-segment-mb", float, 64.0, "step durability: size of one mutation-log segment file"),
     ("workers", int, 8, "gRPC worker threads"),
     ("max-message-mb", float, Limits.max_message_mb, "largest request or reply, MiB"),
     ("max-models", int, Limits.max_models, "models per server"),
@@ -40,7 +47,7 @@ SERVE_FLAGS = [
     ("tls-key", str, "", "PEM private key for --tls-cert"),
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
 ]
-CHOICES = {"durability": ("step", "interval"), "sqlite-sync": ("", "full", "normal"),
+CHOICES = {"durability": ("step", "interval", "none"), "sqlite-sync": ("", "full", "normal"),
            "log-format": ("kv", "json"), "log-level": ("debug", "info", "warning", "error")}
 
 
@@ -66,9 +73,18 @@ def config_from_args(args):
     from .app import ServerConfig
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         raise SystemExit("gradserve: --tls-cert and --tls-key go together; --tls-client-ca needs both")
+    try:
+        durability = Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds,
+                                args.checkpoint_log_mb, args.checkpoint_replay_seconds, args.log_segment_mb)
+    except ValueError as exc:
+        raise SystemExit(f"gradserve: {exc}") from None
+    if args.durability == "step" and args.sqlite_sync == "normal":
+        # the log is trimmed behind snapshots: a snapshot a power loss can undo would take its log with it
+        raise SystemExit("gradserve: --sqlite-sync normal does not go with --durability step (the mutation log "
+                         "is trimmed behind snapshots, which must be fsynced); use full, or --durability interval")
     return ServerConfig(
         host=args.host, port=args.port, store=args.store,
-        durability=Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds),
+        durability=durability,
         sqlite_sync=args.sqlite_sync,
         workers=args.workers,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,

@@ -28,7 +28,7 @@ from gradserve.wire.status import mark_retry_safe
 from gradserve.wire.tensor import TensorError
 
 from .limits import LimitExceeded
-from .registry import ModelExists, ModelNotFound, ShuttingDown
+from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown, StepConflict
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -54,7 +54,10 @@ STATUS = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, False),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
-    ((NonFiniteError, NotTrainableError, DeviceUnavailableError), grpc.StatusCode.FAILED_PRECONDITION, False),
+    # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
+    (StepConflict, grpc.StatusCode.ABORTED, False),
+    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff),
+     grpc.StatusCode.FAILED_PRECONDITION, False),
     ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
 )
 

@@ -2,9 +2,11 @@
 request, decodes it, calls the registry (plain Python over nnkernels) and
 encodes the reply; the ``rpc`` decorator (errors.py) turns whatever it
 raises into one status code. Testable without a server: pass any object
-with ``abort(code, details)`` and ``set_trailing_metadata(pairs)``."""
+with ``abort(code, details)``, ``set_trailing_metadata(pairs)`` and
+``is_active()``."""
 from __future__ import annotations
 
+import queue
 import threading
 
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
@@ -13,7 +15,9 @@ from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from .errors import BadRequest, NotServing, rpc
-from .registry import MODEL_ID, ModelNotFound, ModelRegistry
+from .registry import MODEL_ID, ModelNotFound, ModelRegistry, StepConflict
+
+STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
@@ -30,26 +34,33 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise NotServing("server is not serving yet (warming up) or is shutting down")
         self.registry.limits.check_message(request.ByteSize())
 
-    def _info(self, handle) -> pb.ModelInfo:
-        d = self.registry.describe(handle)
+    def _info(self, handle, listing: bool = False) -> pb.ModelInfo:
+        d = self.registry.describe(handle, listing)
         msg = pb.ModelInfo(model_id=d["model_id"], num_params=d["num_params"], step=d["step"],
-                           created_unix=d["created"])
+                           created_unix=d["created"], load_error=d["load_error"])
         spec_to_message(d["spec"], msg.spec)
         for name, shape in d["params"]:
             msg.params.add(name=name, shape=shape)
         return msg
 
-    def _step(self, request) -> pb.TrainStepResponse:
+    def _step(self, request, context):
+        """Admits and applies one TrainStep; returns (reply, commit): send the
+        reply once ``commit.wait()`` returns (the step is durable)."""
         self._admit(request)
         handle = self.registry.get(request.model_id)
         X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
-        r = self.registry.train_step(handle, X, y)
+        expected = request.expected_step if request.HasField("expected_step") else None
+        try:
+            r, commit = self.registry.train_step(handle, X, y, expected)
+        except StepConflict as exc:
+            context.set_trailing_metadata((("gradserve-model-step", str(exc.current_step)),))
+            raise
         if self.metrics is not None:
             self.metrics.step()
         resp = pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
         if r.accuracy is not None:
             resp.accuracy = r.accuracy
-        return resp
+        return resp, commit
 
     # -- RPCs -------------------------------------------------------------------
     @rpc
@@ -64,12 +75,52 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
     @rpc
     def TrainStep(self, request, context):
-        return self._step(request)
+        resp, commit = self._step(request, context)
+        commit.wait()  # the step computed while its log record became durable
+        return resp
 
     @rpc
     def TrainStream(self, request_iterator, context):
-        for request in request_iterator:
-            yield self._step(request)
+        """Steps are applied by a reader thread as requests arrive; replies
+        leave in order, each once its step is durable, so step k+1 computes
+        while step k's record is made durable."""
+        applied: queue.Queue = queue.Queue(maxsize=STREAM_AHEAD)
+        end = object()
+
+        def put(item) -> bool:
+            while context.is_active():
+                try:
+                    applied.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def read_and_apply() -> None:
+            try:
+                for request in request_iterator:
+                    if not put(self._step(request, context)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 — handed to the replying side
+                put(exc)
+                return
+            put(end)
+
+        threading.Thread(target=read_and_apply, name="train-stream", daemon=True).start()
+        while True:
+            try:
+                item = applied.get(timeout=0.2)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item  # the rpc decorator ends the stream with its status
+            resp, commit = item
+            commit.wait()
+            yield resp
 
     @rpc
     def Predict(self, request, context):
@@ -101,7 +152,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         resp = pb.ListModelsResponse()
         for handle in self.registry.handles():
             try:
-                resp.models.append(self._info(handle))
+                resp.models.append(self._info(handle, listing=True))
             except ModelNotFound:  # deleted meanwhile
                 pass
         return resp
@@ -136,8 +187,4 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def SaveModel(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
-        step = self.registry.checkpoint(handle)
-        if step is None:  # nothing new since the last commit
-            step = self.registry.describe(handle)["step"]
-        return pb.SaveModelResponse(step=step)
+        return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id)))

@@ -1,15 +1,18 @@
-"""SqliteStore: every model's spec, state arrays and step in one SQLite file.
+"""SqliteStore: every model's spec and its newest snapshots in one SQLite file.
 
-stdlib sqlite3 in WAL mode. A model is a row in ``models`` (spec as the JSON
-of ``ModelSpec.to_dict``, step, creation time) plus one row per array of its
-``state_dict`` in ``arrays`` (raw little-endian bytes, dtype and shape) —
-no pickle. A checkpoint replaces a model's arrays and step in one
-transaction, so a crash leaves either the old state or the new one.
+stdlib sqlite3 in WAL mode. A model is a row in ``models`` (spec as the
+JSON of ``ModelSpec.to_dict``, creation time, ``uid``: the incarnation its
+log records name) and up to ``KEEP_SNAPSHOTS`` rows in ``snapshots``: the
+model's ``state_dict`` packed into one blob (``wal.pack_arrays``; no
+pickle), its mutation version and step, the log position from which later
+mutations must be replayed, and a CRC-32C of meta and blob, so a damaged
+snapshot is detected and the previous one used instead. Writing a snapshot
+and dropping the oldest is one transaction.
 
 With ``synchronous=FULL`` (the default for ``step`` durability) each commit
-is fsynced before it returns and survives a power loss; with ``NORMAL`` (the
-default for ``interval``, or ``--sqlite-sync normal``) a commit survives a
-crash of the process but maybe not of the machine, and costs about half.
+is fsynced before it returns; the mutation log is trimmed only behind
+snapshots, so they must be. With ``NORMAL`` (the default for ``interval``)
+a commit survives a crash of the process but maybe not of the machine.
 """
 from __future__ import annotations
 
@@ -21,39 +24,78 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .wal import checksum, pack_arrays, unpack_arrays
+
+KEEP_SNAPSHOTS = 2
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     id TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,
     spec TEXT NOT NULL,
-    created REAL NOT NULL,
-    step INTEGER NOT NULL,
-    saved REAL NOT NULL
+    created REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS arrays (
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (model_id, name)
+    version INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    log_position INTEGER NOT NULL,
+    saved REAL NOT NULL,
+    meta TEXT NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS snapshots_by_model ON snapshots (model_id, seq);
 """
+
+
+class SnapshotCorrupt(ValueError):
+    pass
 
 
 @dataclass
 class StoredModel:
     model_id: str
+    uid: int
     spec: dict
     created: float
+
+
+@dataclass
+class Snapshot:
+    """One stored state of a model: ``state`` is a ``state_dict``;
+    ``extra`` what the registry keeps beside it (recent step replies)."""
+    seq: int
+    version: int
     step: int
-    state: dict[str, np.ndarray]
+    log_position: int
+    saved: float
+    meta: str
+    crc: int
+    data: bytes
+
+    def verify(self) -> None:
+        if checksum([self.meta.encode(), self.data]) != self.crc:
+            raise SnapshotCorrupt(f"snapshot seq={self.seq} version={self.version}: CRC mismatch")
+
+    def unpack(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(state, extra) after checking the CRC; raises SnapshotCorrupt."""
+        self.verify()
+        try:
+            meta = json.loads(self.meta)
+            state = {k: np.array(v) for k, v in unpack_arrays(meta["arrays"], self.data).items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotCorrupt(f"snapshot seq={self.seq}: unreadable ({exc})") from None
+        return state, meta.get("extra", {})
 
 
-def _blob(array: np.ndarray) -> tuple[str, str, bytes]:
-    a = np.asarray(array)
-    shape = list(a.shape)  # taken first: ascontiguousarray makes a 0-d array 1-d
-    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    return a.dtype.str, json.dumps(shape), a.tobytes()
+def pack_snapshot(state: dict[str, np.ndarray], extra: dict) -> tuple[str, bytes, int]:
+    layout, buffers = pack_arrays(state)
+    meta = json.dumps({"arrays": layout, "extra": extra}, separators=(",", ":"))
+    data = b"".join(buffers)
+    return meta, data, checksum([meta.encode(), data])
 
 
 class SqliteStore:
@@ -64,61 +106,97 @@ class SqliteStore:
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        # A checkpoint is a few MB of blobs: 64 KiB pages write them with a
-        # tenth of the page overhead (measured: 784-512-256-10 Adam state,
-        # 120 -> 45 ms per fsynced commit). Only takes effect on a new file.
+        # A snapshot is a few MB of blob: 64 KiB pages write it with a
+        # tenth of the page overhead (784-512-256-10 Adam state: 120 -> 45 ms
+        # per fsynced commit). Only takes effect on a new file.
         self._db.execute("PRAGMA page_size=65536")
         self._db.execute("PRAGMA journal_mode=WAL")
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"synchronous={synchronous!r}: use full or normal")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        # move WAL pages into the database every ~128 MB, not every 4 MB
-        # (the default would do it on almost every big checkpoint)
         self._db.execute("PRAGMA wal_autocheckpoint=2000")
         self._db.execute(f"PRAGMA journal_size_limit={128 << 20}")
         self._db.execute("PRAGMA foreign_keys=ON")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "arrays" in tables:
+            raise RuntimeError(f"{path}: written by an earlier gradserve (one state per model, no snapshots "
+                               "or mutation log); start with a new --store")
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def save(self, model_id: str, spec: dict, created: float, state: dict[str, np.ndarray]) -> None:
-        """Inserts or replaces the model and its state in one transaction."""
-        step = int(np.asarray(state.get("step", 0)))
-        rows = [(model_id, name, *_blob(a)) for name, a in state.items()]
+    def _transaction(self, statements) -> None:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO models (id, spec, created, step, saved) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET step = excluded.step, saved = excluded.saved",
-                    (model_id, json.dumps(spec), created, step, time.time()))
-                self._db.execute("DELETE FROM arrays WHERE model_id = ?", (model_id,))
-                self._db.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?)", rows)
+                for sql, args in statements:
+                    self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def delete(self, model_id: str) -> None:
+    def create(self, model: StoredModel, version: int, step: int, log_position: int,
+               state: dict[str, np.ndarray], extra: dict) -> None:
+        """Stores a new model and its first snapshot in one transaction
+        (replacing any stored model of that id)."""
+        meta, data, crc = pack_snapshot(state, extra)
+        self._transaction([
+            ("DELETE FROM models WHERE id = ?", (model.model_id,)),
+            ("INSERT INTO models (id, uid, spec, created) VALUES (?, ?, ?, ?)",
+             (model.model_id, model.uid, json.dumps(model.spec), model.created)),
+            ("INSERT INTO snapshots (model_id, version, step, log_position, saved, meta, crc, data) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (model.model_id, version, step, log_position, time.time(), meta,
+                                                 crc, data)),
+        ])
+
+    def put_snapshot(self, model_id: str, version: int, step: int, log_position: int,
+                     state: dict[str, np.ndarray], extra: dict, keep: int = KEEP_SNAPSHOTS) -> int:
+        """Adds a snapshot and drops all but the newest ``keep``; returns the
+        oldest kept snapshot's log position (replay may need the log from there)."""
+        meta, data, crc = pack_snapshot(state, extra)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM arrays WHERE model_id = ?", (model_id,))
-            self._db.execute("DELETE FROM models WHERE id = ?", (model_id,))
-            self._db.execute("COMMIT")
+            try:
+                if self._db.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is None:
+                    raise KeyError(model_id)  # deleted meanwhile
+                self._db.execute(
+                    "INSERT INTO snapshots (model_id, version, step, log_position, saved, meta, crc, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (model_id, version, step, log_position, time.time(), meta,
+                                                        crc, data))
+                self._db.execute("DELETE FROM snapshots WHERE model_id = ? AND seq NOT IN "
+                                 "(SELECT seq FROM snapshots WHERE model_id = ? ORDER BY seq DESC LIMIT ?)",
+                                 (model_id, model_id, keep))
+                oldest = self._db.execute("SELECT MIN(log_position) FROM snapshots WHERE model_id = ?",
+                                          (model_id,)).fetchone()[0]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return oldest
+
+    def drop_snapshot(self, seq: int) -> None:
+        self._transaction([("DELETE FROM snapshots WHERE seq = ?", (seq,))])
+
+    def delete(self, model_id: str) -> None:
+        self._transaction([("DELETE FROM snapshots WHERE model_id = ?", (model_id,)),
+                           ("DELETE FROM models WHERE id = ?", (model_id,))])
+
+    def models(self) -> list[StoredModel]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, uid, spec, created FROM models ORDER BY created, id").fetchall()
+        return [StoredModel(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
 
     def model_ids(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT id FROM models ORDER BY created, id")]
+        return [m.model_id for m in self.models()]
 
-    def load(self, model_id: str) -> StoredModel:
+    def snapshots(self, model_id: str) -> list[Snapshot]:
+        """The model's snapshots, newest first (not yet verified)."""
         with self._lock:
-            row = self._db.execute("SELECT spec, created, step FROM models WHERE id = ?", (model_id,)).fetchone()
-            if row is None:
-                raise KeyError(model_id)
-            arrays = self._db.execute("SELECT name, dtype, shape, data FROM arrays WHERE model_id = ?",
-                                      (model_id,)).fetchall()
-        state = {name: np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(json.loads(shape))).copy()
-                 for name, dtype, shape, data in arrays}
-        return StoredModel(model_id, json.loads(row[0]), row[1], row[2], state)
+            rows = self._db.execute(
+                "SELECT seq, version, step, log_position, saved, meta, crc, data FROM snapshots "
+                "WHERE model_id = ? ORDER BY seq DESC", (model_id,)).fetchall()
+        return [Snapshot(*r) for r in rows]

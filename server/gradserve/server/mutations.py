@@ -1,0 +1,105 @@
+"""The mutations a model's state goes through, as log records: what each
+kind carries and how it is applied, both live and in replay (the same call
+on the same nnkernels Model, so a replay is bit-exact).
+
+A record's payload::
+
+    kind u8 | format u8 | reserved u16 | meta length u32 | uid u64 | version u64 | step i64
+    | meta (JSON: {"arrays": [[name, dtype, shape], ...], ...fields of the kind})
+    | the arrays' bytes (see ``wal.pack_arrays``)
+
+``uid`` names one incarnation of a model (a deleted and re-created id gets
+a new one); ``version`` counts the model's mutations (1, 2, ...): a replay
+applies the record whose version is one past the model's. ``step`` is the
+optimizer step the mutation produces (TrainStep) or keeps (others).
+
+Adding a kind (say, a learning-rate change): a new code in ``KINDS`` with
+its ``apply`` function; old logs stay readable, and a server that meets a
+kind it does not know stops that model's replay there and says so.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from gradserve.nnkernels import Model
+
+from .wal import checksum, pack_arrays, unpack_arrays
+
+HEADER = struct.Struct("<BBHIQQq")
+FORMAT = 1
+
+TRAIN_STEP = 1
+SET_WEIGHTS = 2
+
+
+@dataclass
+class Mutation:
+    kind: int
+    uid: int
+    version: int
+    step: int
+    arrays: dict[str, np.ndarray]
+    fields: dict = field(default_factory=dict)
+    nbytes: int = 0  # payload size, once encoded or decoded
+
+    def encode(self) -> list:
+        """The payload as a list of bytes-like parts (arrays not copied)."""
+        layout, buffers = pack_arrays(self.arrays)
+        meta = json.dumps({"arrays": layout, **self.fields}, separators=(",", ":")).encode()
+        parts = [HEADER.pack(self.kind, FORMAT, 0, len(meta), self.uid, self.version, self.step), meta, *buffers]
+        self.nbytes = sum(len(p) for p in parts)
+        return parts
+
+    @classmethod
+    def decode(cls, payload) -> "Mutation":
+        """Raises ValueError when the payload is not a record this server reads."""
+        if len(payload) < HEADER.size:
+            raise ValueError("record shorter than its header")
+        kind, fmt, _, meta_len, uid, version, step = HEADER.unpack_from(payload, 0)
+        if fmt != FORMAT:
+            raise ValueError(f"record format {fmt} (this server reads {FORMAT})")
+        meta = json.loads(bytes(payload[HEADER.size:HEADER.size + meta_len]))
+        layout = meta.pop("arrays")
+        arrays = unpack_arrays(layout, payload, HEADER.size + meta_len)
+        return cls(kind, uid, version, step, arrays, meta, len(payload))
+
+
+def batch_digest(X: np.ndarray, y: np.ndarray) -> int:
+    """CRC-32C of a batch (shapes, dtypes and bytes): tells a retried TrainStep
+    from a different batch sent with the same expected step."""
+    layout, buffers = pack_arrays({"inputs": X, "targets": y})
+    return checksum([json.dumps(layout).encode(), *buffers])
+
+
+def _train_step(model: Model, m: Mutation):
+    return model.train_step(m.arrays["inputs"], m.arrays["targets"])
+
+
+def _set_weights(model: Model, m: Mutation):
+    model.set_weights(dict(m.arrays))
+
+
+# kind -> (name, apply(model, mutation) -> result)
+KINDS: dict[int, tuple[str, Callable[[Model, Mutation], object]]] = {
+    TRAIN_STEP: ("train_step", _train_step),
+    SET_WEIGHTS: ("set_weights", _set_weights),
+}
+
+
+def train_step(uid: int, version: int, step: int, X, y) -> Mutation:
+    return Mutation(TRAIN_STEP, uid, version, step, {"inputs": X, "targets": y})
+
+
+def set_weights(uid: int, version: int, step: int, weights: dict) -> Mutation:
+    return Mutation(SET_WEIGHTS, uid, version, step, dict(weights))
+
+
+def apply(model: Model, m: Mutation):
+    if m.kind not in KINDS:
+        raise ValueError(f"unknown mutation kind {m.kind} (known: {sorted(KINDS)})")
+    return KINDS[m.kind][1](model, m)
