@@ -14,9 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gradserve.inference import grpc_service_pb2 as inference_pb
+from gradserve.inference import grpc_service_pb2_grpc as inference_pb_grpc
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
+from .batching import BatchingConfig, PredictBatcher
+from .inference_servicer import InferenceServicer
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -26,6 +30,8 @@ from .store import SqliteStore
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name  # "gradserve.v1.Trainer"
+# "inference.GRPCInferenceService": the Open Inference Protocol, on the same port
+INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 @dataclass
@@ -46,6 +52,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     warm_up: bool = True
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
@@ -72,8 +79,12 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses Trainer calls without ``authorization: Bearer <token>``
-    (UNAUTHENTICATED). Health and reflection stay open for probes and grpcurl."""
+    """Refuses Trainer and inference calls without ``authorization: Bearer
+    <token>`` (UNAUTHENTICATED). Health, reflection and the V2 liveness and
+    readiness probes stay open for probes and grpcurl."""
+
+    OPEN = {f"/{INFERENCE_SERVICE_NAME}/ServerLive", f"/{INFERENCE_SERVICE_NAME}/ServerReady"}
+    GUARDED = (f"/{SERVICE_NAME}/", f"/{INFERENCE_SERVICE_NAME}/")
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
@@ -85,7 +96,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
-        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+        if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected.encode()):
@@ -103,6 +114,8 @@ class GradServer:
         self.store: SqliteStore | None = None
         self.registry: ModelRegistry | None = None
         self.servicer: TrainerServicer | None = None
+        self.predictor: PredictBatcher | None = None
+        self.inference: InferenceServicer | None = None
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -110,7 +123,7 @@ class GradServer:
         self._metrics_http = None
 
     def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
             self.health.set(name, status)
 
     def start(self) -> int:
@@ -120,8 +133,11 @@ class GradServer:
         self.store = SqliteStore(cfg.store, synchronous=sync)
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
-        self.servicer = TrainerServicer(self.registry, self.metrics)
+        self.predictor = PredictBatcher(self.registry, cfg.batching, self.metrics.inference)
+        self.servicer = TrainerServicer(self.registry, self.metrics, self.predictor)
+        self.inference = InferenceServicer(self.registry, self.predictor, self.servicer.ready, self.metrics)
         self.metrics.models = lambda: len(self.registry.handles())
+        self.metrics.pending_by_model = self.predictor.pending_by_model
         # grpc's own cap sits above ours so the servicer can refuse oversize
         # requests with a message naming --max-message-mb; beyond it grpc refuses.
         cap = 2 * cfg.limits.max_message_bytes + 1024 * 1024
@@ -134,10 +150,11 @@ class GradServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
                                    options=options, interceptors=interceptors)
         pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
+        inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+            (SERVICE_NAME, INFERENCE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
@@ -160,6 +177,10 @@ class GradServer:
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
                  "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
                  sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
+        b = cfg.batching
+        log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "
+                 "max_batch_size=%d", b.enabled, b.max_queue_delay_us,
+                 ",".join(map(str, b.preferred_batch_sizes)) or "-", b.max_batch_size or cfg.limits.max_batch_rows)
         if cfg.warm_up:
             seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
             log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "

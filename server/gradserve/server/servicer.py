@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteError,
                        NotTrainableError, SpecError)
 
+from .batching import BatchingConfig, CallCancelled, CallDeadlineExceeded, PredictBatcher
 from .limits import LimitExceeded
 from .registry import ModelExists, ModelNotFound, ModelRegistry, ShuttingDown
 
@@ -26,6 +28,8 @@ log = logging.getLogger("gradserve.servicer")
 # exception type -> status code; the first match wins
 STATUS = (
     (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (CallCancelled, grpc.StatusCode.CANCELLED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
@@ -42,9 +46,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
-    def __init__(self, registry: ModelRegistry, metrics=None):
+    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None):
         self.registry = registry
         self.metrics = metrics
+        # Predict's path (validation, dynamic batching), shared with the V2 protocol
+        self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
 
     # -- plumbing -------------------------------------------------------------
@@ -115,14 +121,28 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             self._fail(context, exc, "TrainStream")
 
     def Predict(self, request, context):
+        start = time.perf_counter()
+        model_id, handle = request.model_id, None
         try:
-            self._check(request, context)
-            handle = self.registry.get(request.model_id)
-            X, _ = self._batch(request, with_targets=False)
-            out = self.registry.predict(handle, X, request.logits)
-            self.registry.limits.check_message(out.nbytes + 64, "the reply would have bytes:")
-            return pb.PredictResponse(outputs=encode_tensor(out, "outputs"))
+            if not self.ready.is_set():
+                raise ShuttingDown("server is not serving yet (warming up) or is shutting down")
+            handle = self.registry.get(model_id)
+            X = decode_tensor(request.inputs, "inputs")
+            # the tensor's bytes stand for the message: ByteSize() would serialize it all again
+            self.registry.limits.check_message(X.nbytes + len(model_id) + 64)
+            decoded = time.perf_counter()
+            call = self.predictor.predict(handle, X, request.logits, context)
+            computed = time.perf_counter()
+            self.registry.limits.check_message(call.outputs.nbytes + 64, "the reply would have bytes:")
+            reply = pb.PredictResponse(outputs=encode_tensor(call.outputs, "outputs"))
+            if self.metrics is not None:
+                end = time.perf_counter()
+                self.metrics.inference.request_done(model_id, call.rows, end - start, decoded - start,
+                                                    call.queue_seconds, call.compute_seconds, end - computed)
+            return reply
         except Exception as exc:
+            if self.metrics is not None and handle is not None:  # unknown ids make no series
+                self.metrics.inference.request_failed(model_id, status_for(exc)[0].name, time.perf_counter() - start)
             self._fail(context, exc, "Predict")
 
     def GetGradients(self, request, context):
