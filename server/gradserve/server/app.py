@@ -14,13 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradserve.inference import grpc_service_pb2 as inference_pb
-from gradserve.inference import grpc_service_pb2_grpc as inference_pb_grpc
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from .batching import BatchingConfig, PredictBatcher
-from .inference_servicer import InferenceServicer
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -30,8 +27,10 @@ from .store import SqliteStore
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name  # "gradserve.v1.Trainer"
-# "inference.GRPCInferenceService": the Open Inference Protocol, on the same port
-INFERENCE_SERVICE_NAME = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The Open Inference Protocol, on the same port. Its generated code is imported
+# only when a server starts: tritonclient registers the same proto names, and a
+# process that imports this module (e.g. for ServerConfig) may also use tritonclient.
+INFERENCE_SERVICE_NAME = "inference.GRPCInferenceService"
 
 
 @dataclass
@@ -115,7 +114,7 @@ class GradServer:
         self.registry: ModelRegistry | None = None
         self.servicer: TrainerServicer | None = None
         self.predictor: PredictBatcher | None = None
-        self.inference: InferenceServicer | None = None
+        self.inference = None  # InferenceServicer
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -133,6 +132,9 @@ class GradServer:
         self.store = SqliteStore(cfg.store, synchronous=sync)
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
+        from gradserve.inference import grpc_service_pb2_grpc as inference_pb_grpc
+
+        from .inference_servicer import InferenceServicer
         self.predictor = PredictBatcher(self.registry, cfg.batching, self.metrics.inference)
         self.servicer = TrainerServicer(self.registry, self.metrics, self.predictor)
         self.inference = InferenceServicer(self.registry, self.predictor, self.servicer.ready, self.metrics)
