@@ -142,7 +142,8 @@ class ModelQueue:
         ``step``, or ``error`` set). ``time_remaining()`` gives the RPC's
         seconds left (None: no deadline); ``on_end(callback)`` registers a
         callback for the RPC's end (gRPC's ``context.add_callback``).
-        Raises CallCancelled when the RPC ended while the call was queued."""
+        Raises CallCancelled (CallDeadlineExceeded) when the RPC ended while
+        the call was queued; its rows are then never computed."""
         with self._cond:
             self._pending.append(call)
             self._pending_rows += call.rows
@@ -151,43 +152,45 @@ class ModelQueue:
                 call.executor = True
             else:
                 self._cond.notify_all()  # an executor waiting out the delay counts rows again
-        if on_end is not None and not call.executor:
+        if on_end is not None:
             on_end(lambda: self._end(call, "cancelled"))
         while True:
-            if call.executor:
-                self._execute_one_batch(call)
-                if call.done:
-                    return call
-                continue
-            remaining = time_remaining()
-            if remaining is not None and remaining <= 0:
-                self._end(call, "deadline")
-                remaining = None  # still here: its batch runs now, wait for it
-            call.wake.wait(remaining)
             with self._cond:
                 if call.done:
                     return call
-                if call.ended and not call.executor:
+                run = call.executor
+                if call.ended and not run:
                     if call.ended == "deadline":
                         raise CallDeadlineExceeded("deadline passed while queued for a batch")
                     raise CallCancelled("cancelled while queued for a batch")
-                call.wake.clear()
+                if not run:
+                    call.wake.clear()
+            if run:
+                self._execute_one_batch(call)
+                continue
+            remaining = time_remaining()
+            if remaining is not None and remaining > 3600:  # no deadline reads as ~forever: too long for wait()
+                remaining = 3600
+            if remaining is not None and remaining <= 0:
+                self._end(call, "deadline")
+                remaining = None  # if still here, its batch is running: wait for it
+            call.wake.wait(remaining)
 
     def _end(self, call: QueuedCall, reason: str) -> None:
-        """The RPC ended (gRPC callback, or the deadline seen by the caller):
-        leave the queue if still in it; computed calls are left alone."""
+        """The RPC ended (gRPC's callback, or the deadline seen by the
+        caller): the call leaves the queue if it is still in it; a call
+        already taken into a batch is computed anyway. An executor that
+        leaves hands the queue on from its own thread."""
         with self._cond:
             if call.done or call.ended:
                 return
             try:
                 self._pending.remove(call)
-            except ValueError:  # already taken into a running batch: its rows are computed anyway
+            except ValueError:
                 return
             self._pending_rows -= call.rows
             call.ended = reason
-            if call.executor:  # handed the queue but never ran: hand it on
-                call.executor = False
-                self._hand_over_locked()
+            self._cond.notify_all()  # an executor waiting out the delay: it may be this call
         call.wake.set()
 
     def _hand_over_locked(self) -> None:
@@ -198,16 +201,18 @@ class ModelQueue:
         else:
             self._busy = False
 
-    def _take_batch_locked(self) -> list[QueuedCall]:
+    def _take_batch_locked(self, me: QueuedCall) -> list[QueuedCall]:
         """Waits out the queue delay (Triton's rule), then removes and
-        returns the calls of one batch."""
+        returns the calls of one batch; [] when ``me`` left meanwhile."""
         if self._delay > 0:
-            deadline = self._pending[0].arrived + self._delay
-            while self._pending_rows < self._fill_target:
+            deadline = me.arrived + self._delay  # me is the oldest queued call
+            while self._pending_rows < self._fill_target and not me.ended:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
                 self._cond.wait(left)
+        if me.ended:
+            return []
         logits = self._pending[0].logits
         batch, rows, best, best_rows = [], 0, 0, 0
         for c in self._pending:
@@ -228,11 +233,11 @@ class ModelQueue:
 
     def _execute_one_batch(self, me: QueuedCall) -> None:
         with self._cond:
-            if not self._pending:  # every queued call left meanwhile
+            batch = [] if me.ended else self._take_batch_locked(me)
+            if not batch:  # me left the queue before its batch ran: the next oldest takes over
                 me.executor = False
-                self._busy = False
+                self._hand_over_locked()
                 return
-            batch = self._take_batch_locked()
         start = time.perf_counter()
         try:
             X = self._batch_inputs(batch)
