@@ -160,6 +160,17 @@ def test_model_statistics_count_inferences_and_executions(triton_client, client)
     assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
 
 
+def test_a_deleted_models_series_leave_metrics(server, triton_client):  # noqa: F811
+    with Client(server.target, timeout=60) as c:
+        doomed = c.create_model(**SPEC)
+        triton_client.infer(doomed.model_id, [infer_input(rows(2))])
+        label = (("model", doomed.model_id),)
+        assert scrape(server)[("gradserve_inference_count_total", label)] == 2
+        doomed.delete()
+    samples = scrape(server)
+    assert not [key for key in samples if ("model", doomed.model_id) in key[1]]
+
+
 # -- dynamic batching, on a private server whose queue delay makes coalescing certain
 
 TOKEN = "batching-token"

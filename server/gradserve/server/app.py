@@ -140,6 +140,7 @@ class GradServer:
         self.inference = InferenceServicer(self.registry, self.predictor, self.servicer.ready, self.metrics)
         self.metrics.models = lambda: len(self.registry.handles())
         self.metrics.pending_by_model = self.predictor.pending_by_model
+        self.metrics.served_models = lambda: [h.model_id for h in self.registry.handles()]
         # grpc's own cap sits above ours so the servicer can refuse oversize
         # requests with a message naming --max-message-mb; beyond it grpc refuses.
         cap = 2 * cfg.limits.max_message_bytes + 1024 * 1024

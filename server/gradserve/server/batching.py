@@ -339,4 +339,4 @@ class PredictBatcher:
     def pending_by_model(self) -> dict[str, int]:
         """Calls queued now, by model id (for /metrics)."""
         with self._lock:
-            return {model_id: q.pending for model_id, q in self._queues.items()}
+            return {model_id: q.pending for model_id, q in self._queues.items() if not q.handle.deleted}

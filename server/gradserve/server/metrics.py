@@ -93,9 +93,13 @@ class InferenceStatistics:
             s.execution_count += 1
             s.batches.setdefault(rows, Duration()).add(infer_s)
 
-    def forget(self, model: str) -> None:
+    def retain(self, models) -> None:
+        """Drops the figures of models no longer served (deleted), so their
+        series leave /metrics, as Triton's do when a model is unloaded."""
+        keep = set(models)
         with self._lock:
-            self._models.pop(model, None)
+            for model in [m for m in self._models if m not in keep]:
+                del self._models[model]
 
     def snapshot(self) -> dict[str, ModelInferenceStats]:
         """Copies, so a reader never sees a half-recorded request."""
@@ -107,11 +111,15 @@ class InferenceStatistics:
 class _InferenceCollector:
     """Writes ``InferenceStatistics`` as Triton-named families at scrape time."""
 
-    def __init__(self, stats: InferenceStatistics, pending_by_model):
+    def __init__(self, stats: InferenceStatistics, pending_by_model, served_models):
         self._stats = stats
         self._pending = pending_by_model
+        self._served = served_models
 
     def collect(self):
+        served = self._served()
+        if served is not None:
+            self._stats.retain(served)
         snap = self._stats.snapshot()
         us = lambda d: d.ns / 1000  # noqa: E731
         families = [
@@ -173,7 +181,9 @@ class Metrics:
         self._models_gauge.set_function(lambda: self.models())
         self.inference = InferenceStatistics()
         self.pending_by_model = lambda: {}  # set by the server: the batcher's queue lengths
-        r.register(_InferenceCollector(self.inference, lambda: self.pending_by_model()))
+        self.served_models = lambda: None  # set by the server: ids of the models served now
+        r.register(_InferenceCollector(self.inference, lambda: self.pending_by_model(),
+                                       lambda: self.served_models()))
         # Durability figures (log appends and their fsync time, snapshots
         # written, replay on start-up) belong here, as metrics on self.registry.
 
