@@ -69,6 +69,13 @@ def test_server_and_model_report_live_ready_and_their_metadata(triton_client, mo
     assert server_meta["name"] == "gradserve" and "statistics" in server_meta["extensions"]
 
 
+def test_reflection_lists_the_inference_service_beside_the_trainer(server):  # noqa: F811
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    with grpc.insecure_channel(server.target) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert {"inference.GRPCInferenceService", "gradserve.v1.Trainer"} <= set(services)
+
+
 def test_model_config_carries_max_batch_size_and_dims_without_the_batch_dimension(triton_client, model):
     config = triton_client.get_model_config(model.model_id, as_json=True)["config"]
     assert config["name"] == model.model_id
