@@ -111,9 +111,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def measure(target: str, ids: list[str], call: str, batch: int, concurrency: int, seconds: float,
-            engine: str = "auto", warmup_s: float = 0.5) -> dict:
+            engine: str = "auto", warmup_s: float = 0.5, shape: loadtest.Shape = SHAPE) -> dict:
     """One load run with the load tool's runner; returns its report dict."""
-    payloads = loadtest.make_payloads(ids, SHAPE, batch, [call], seed=1)
+    payloads = loadtest.make_payloads(ids, shape, batch, [call], seed=1)
     args = SimpleNamespace(concurrency=concurrency, engine=engine, rps=None, batch_size=batch,
                            call_timeout=120.0, connections=1)
     engine = loadtest.engine_for(args)

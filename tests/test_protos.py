@@ -1,5 +1,8 @@
-"""The wire layer: committed generated code is current; the Tensor codec and
-the ModelSpec message codec round-trip and reject malformed input."""
+"""The wire layer: committed generated code is current and loads on every
+protobuf runtime the client declares; the Tensor codec and the ModelSpec
+message codec round-trip and reject malformed input."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +17,53 @@ from gradserve.v1 import trainer_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_committed_generated_code_matches_the_protos(tmp_path):
+@pytest.mark.parametrize("package", ["v1", "inference"])
+def test_committed_generated_code_matches_the_protos(tmp_path, package):
     pytest.importorskip("grpc_tools")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True)
-    generated = sorted(p.name for p in (tmp_path / "gradserve" / "v1").glob("*_pb2*"))
-    committed_dir = ROOT / "client" / "gradserve" / "v1"
+    generated = sorted(p.name for p in (tmp_path / "gradserve" / package).glob("*_pb2*"))
+    committed_dir = ROOT / "client" / "gradserve" / package
     committed = sorted(p.name for p in committed_dir.glob("*_pb2*"))
-    assert generated == committed
+    assert generated and generated == committed
     for name in generated:
-        fresh = (tmp_path / "gradserve" / "v1" / name).read_text()
+        fresh = (tmp_path / "gradserve" / package / name).read_text()
         assert (committed_dir / name).read_text() == fresh, \
-            f"client/gradserve/v1/{name} is stale: run python scripts/gen_protos.py"
+            f"client/gradserve/{package}/{name} is stale: run python scripts/gen_protos.py"
+
+
+def declared_protobuf_range() -> tuple[str, str]:
+    """(lowest version, exclusive upper major) of protobuf in client/pyproject.toml."""
+    text = (ROOT / "client" / "pyproject.toml").read_text()
+    match = re.search(r'"protobuf>=([0-9.]+),<([0-9]+)"', text)
+    assert match, "client/pyproject.toml declares protobuf as >=X,<Y"
+    return match.group(1), match.group(2)
+
+
+GENERATED_MODULES = sorted(
+    f"gradserve.{p.parent.name}.{p.stem}" for p in (ROOT / "client" / "gradserve").glob("*/*_pb2*.py"))
+
+
+@pytest.mark.parametrize("bound", ["lowest", "newest"])
+def test_generated_code_loads_on_the_declared_protobuf_range(tmp_path, bound):
+    """The committed code is imported under the lowest protobuf the client
+    declares and under the newest release below its upper bound, each
+    installed alone (pip's cache makes this a few seconds)."""
+    lowest, upper_major = declared_protobuf_range()
+    requirement = f"protobuf=={lowest}" if bound == "lowest" else f"protobuf>={int(upper_major) - 1},<{upper_major}"
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    "--no-deps", "--only-binary=:all:", "--target", str(site), requirement],
+                   check=True, capture_output=True)
+    script = ("import importlib, google.protobuf as p\n"
+              f"for name in {GENERATED_MODULES!r}: importlib.import_module(name)\n"
+              "print(p.__version__)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT / "client")]))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded = run.stdout.strip()
+    assert loaded == lowest if bound == "lowest" else loaded.split(".")[0] == str(int(upper_major) - 1)
+    assert len(GENERATED_MODULES) >= 6  # trainer and the two inference files, _pb2 and _pb2_grpc each
 
 
 @pytest.mark.parametrize("dtype", ["<f4", "<f8", "<i4", "<i8", ">f4", ">i8"])

@@ -174,17 +174,24 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
 def test_prometheus_metrics_count_calls_steps_and_models(server, client):
     import re
     import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
     remote = client.create_model(**SPEC)
     remote.train_step(*batches(1)[0])
     with pytest.raises(grpc.RpcError):
         client.get_model("not-there")
     url = re.search(r"event=metrics url=(\S+)", server.log()).group(1)
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert re.search(r'gradserve_requests_total\{method="TrainStep",code="OK"\} [1-9]', text)
-    assert re.search(r'gradserve_request_seconds_count\{method="CreateModel"\} [1-9]', text)
-    assert re.search(r'gradserve_requests_total\{method="GetModel",code="NOT_FOUND"\} [1-9]', text)
-    assert re.search(r"gradserve_train_steps_total [1-9]", text)
-    assert re.search(r"gradserve_models [1-9]", text)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("gradserve_requests_total", (("code", "OK"), ("method", "TrainStep")))] >= 1
+    assert samples[("gradserve_request_seconds_count", (("method", "CreateModel"),))] >= 1
+    assert samples[("gradserve_requests_total", (("code", "NOT_FOUND"), ("method", "GetModel")))] >= 1
+    assert samples[("gradserve_train_steps_total", ())] >= 1
+    assert samples[("gradserve_models", ())] >= 1
+    # the shared server runs step durability: the step above was logged and synced
+    assert samples[("gradserve_durability_log_records_total", ())] >= 1
+    assert samples[("gradserve_durability_log_fsyncs_total", ())] >= 1
+    assert samples[("gradserve_durability_log_bytes_total", ())] > 0
 
 
 @pytest.mark.skipif("cuda" in available_devices(), reason="a GPU is usable here: cuda is a valid default")

@@ -13,6 +13,10 @@ and one histogram record: the tool measures the server, not itself.
 
 It creates ``--models`` models from the spec flags and deletes them at the
 end (also on Ctrl-C), or uses the ``--model-id`` models it is given.
+``--protocol v2`` (or the call kind ``infer``) sends inference as the Open
+Inference Protocol's ModelInfer instead of Predict; model management stays
+on gradserve's own service. ``--tls-ca`` and ``--token`` reach TLS and
+token-protected servers.
 Imports grpc, numpy, hdrh and gradserve's messages only (never numba).
 """
 from __future__ import annotations
@@ -38,7 +42,9 @@ from gradserve.client.loadtest_runner import (CallKind, format_report, result_to
                                     run_load_threads)
 
 SERVICE = "/gradserve.v1.Trainer/"
-CALLS = {"predict": "Predict", "train-step": "TrainStep", "gradients": "GetGradients"}
+INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
+CALLS = {"predict": SERVICE + "Predict", "train-step": SERVICE + "TrainStep",
+         "gradients": SERVICE + "GetGradients", "infer": INFERENCE_SERVICE + "ModelInfer"}
 THREADS_UP_TO = 8  # --engine auto: threads for this many callers or fewer
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _CHANNEL_OPTIONS = [
@@ -103,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed- or open-loop load against a gradserve server, with a ghz-like report.")
     ap.add_argument("--target", default="127.0.0.1:50051", help="host:port (default %(default)s)")
     ap.add_argument("--call", default="predict", choices=[*CALLS, "mixed"],
-                    help="which RPC to call; 'mixed' follows --mix (default %(default)s)")
+                    help="which RPC to call ('infer': the V2 protocol's ModelInfer); 'mixed' follows --mix "
+                         "(default %(default)s)")
+    ap.add_argument("--protocol", default="gradserve", choices=["gradserve", "v2"],
+                    help="v2: send predict calls as the Open Inference Protocol's ModelInfer (KServe V2, "
+                         "as tritonclient does) (default %(default)s)")
     ap.add_argument("--mix", type=parse_mix, default=None,
                     help="ratio of calls for --call mixed, e.g. predict=8,train-step=2")
     ap.add_argument("-c", "--concurrency", type=int, default=1, help="concurrent callers (default 1)")
@@ -123,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "measured each way)" % THREADS_UP_TO)
     ap.add_argument("--call-timeout", type=parse_duration, default=30.0,
                     help="deadline of each call (default 30s)")
+    ap.add_argument("--tls-ca", default=None,
+                    help="PEM file of the CA that signed the server's certificate: connect with TLS")
+    ap.add_argument("--tls-cert", default=None, help="PEM client certificate, for mutual TLS (with --tls-key)")
+    ap.add_argument("--tls-key", default=None, help="PEM client private key, for mutual TLS")
+    ap.add_argument("--token", default=os.environ.get("GRADSERVE_AUTH_TOKEN") or None,
+                    help="bearer token sent with every call (default: $GRADSERVE_AUTH_TOKEN)")
     models = ap.add_argument_group("models")
     models.add_argument("--model-id", action="append", default=[],
                         help="use this existing model (repeatable, or comma-separated); "
@@ -174,6 +190,59 @@ def spec_from_args(args) -> dict:
     return spec
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to connect: TLS roots (and client pair) and a bearer
+    token sent as call metadata."""
+    target: str
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    token: str | None = None
+
+    @classmethod
+    def from_args(cls, args) -> "Connection":
+        def read(path):
+            if not path:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+        return cls(args.target, read(args.tls_ca), read(args.tls_cert), read(args.tls_key), args.token)
+
+    @property
+    def metadata(self) -> tuple | None:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    def _credentials(self):
+        return grpc.ssl_channel_credentials(root_certificates=self.tls_ca, private_key=self.tls_key,
+                                            certificate_chain=self.tls_cert)
+
+    def channel(self) -> grpc.Channel:
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        return grpc.secure_channel(self.target, self._credentials(), options=_CHANNEL_OPTIONS)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.tls_ca is None:
+            return grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self._credentials(), options=_CHANNEL_OPTIONS)
+
+
+def as_connection(target) -> Connection:
+    return target if isinstance(target, Connection) else Connection(target)
+
+
+def infer_request(model_id: str, X: np.ndarray) -> bytes:
+    """A serialized V2 ModelInferRequest of ``X`` as raw contents (as
+    tritonclient sends it). The generated V2 code is imported here only: it
+    cannot share a process with tritonclient's copy of the same protos."""
+    from gradserve.inference import grpc_service_pb2 as v2
+    req = v2.ModelInferRequest(model_name=model_id)
+    req.inputs.add(name="inputs", datatype="FP32" if X.dtype == np.float32 else "FP64", shape=X.shape)
+    req.raw_input_contents.append(np.ascontiguousarray(X, X.dtype.newbyteorder("<")).tobytes())
+    return req.SerializeToString()
+
+
 def make_payloads(model_ids: list[str], shape: Shape, batch: int, calls, seed: int) -> dict[str, list[bytes]]:
     """One serialized request per call kind and model: the same batch for
     every model, random inputs and valid targets for the output kind."""
@@ -192,6 +261,9 @@ def make_payloads(model_ids: list[str], shape: Shape, batch: int, calls, seed: i
     for call in calls:
         reqs = []
         for mid in model_ids:
+            if call == "infer":
+                reqs.append(infer_request(mid, X))
+                continue
             if call == "predict":
                 req = pb.PredictRequest(model_id=mid, inputs=inputs)
             elif call == "train-step":
@@ -207,8 +279,10 @@ class ModelSet:
     """The models a run uses: created here (and deleted by ``close``) or
     given. Management calls go over a plain blocking channel."""
 
-    def __init__(self, target: str, timeout: float = 60.0):
-        self.channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    def __init__(self, target: "str | Connection", timeout: float = 60.0):
+        connection = as_connection(target)
+        self.channel = connection.channel()
+        self.metadata = connection.metadata
         self.timeout = timeout
         self._create = self.channel.unary_unary(
             SERVICE + "CreateModel", request_serializer=pb.CreateModelRequest.SerializeToString,
@@ -230,12 +304,12 @@ class ModelSet:
             req = pb.CreateModelRequest(model_id=mid)
             spec_to_message(spec, req.spec)
             self.created.append(mid)
-            self._create(req, timeout=self.timeout)
+            self._create(req, timeout=self.timeout, metadata=self.metadata)
         return list(self.created)
 
     def shape_of(self, model_id: str) -> Shape | None:
         try:
-            info = self._get(pb.GetModelRequest(model_id=model_id), timeout=self.timeout)
+            info = self._get(pb.GetModelRequest(model_id=model_id), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError:
             return None
         return Shape(info.spec.input_size, info.spec.output.units,
@@ -246,7 +320,8 @@ class ModelSet:
         failed = []
         for mid in self.created:
             try:
-                self._delete(pb.DeleteModelRequest(model_id=mid), timeout=min(self.timeout, 10.0))
+                self._delete(pb.DeleteModelRequest(model_id=mid), timeout=min(self.timeout, 10.0),
+                             metadata=self.metadata)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.NOT_FOUND:
                     failed.append(mid)
@@ -258,7 +333,7 @@ class ModelSet:
 # ---------------------------------------------------------------- the run
 
 def build_calls(channels, payloads: dict[str, list[bytes]], mix: dict[str, int], concurrency: int,
-                batch: int, call_timeout: float) -> list[CallKind]:
+                batch: int, call_timeout: float, metadata=None) -> list[CallKind]:
     """Call kinds whose invoke(caller, n) sends the n-th request of a caller
     (channels of grpc.aio: invoke returns an awaitable; blocking: it blocks):
     caller i on channel i mod C, model (i + n·N) mod K — so with K dividing
@@ -268,10 +343,11 @@ def build_calls(channels, payloads: dict[str, list[bytes]], mix: dict[str, int],
     for call, weight in mix.items():
         reqs = payloads[call]
         k = len(reqs)
-        methods = [ch.unary_unary(SERVICE + CALLS[call]) for ch in channels]  # bytes in, bytes out
+        methods = [ch.unary_unary(CALLS[call]) for ch in channels]  # bytes in, bytes out
 
         def invoke(i, n, methods=methods, reqs=reqs, k=k):
-            return methods[i % n_channels](reqs[(i + n * concurrency) % k], timeout=call_timeout)
+            return methods[i % n_channels](reqs[(i + n * concurrency) % k], timeout=call_timeout,
+                                           metadata=metadata)
 
         kinds.append(CallKind(call, invoke, weight, rows=batch))
     return kinds
@@ -287,25 +363,26 @@ def _run_bounds(args) -> dict:
                 max_run_s=(duration or 0) + warm_s + 600.0)
 
 
-async def run_calls(target: str, payloads, mix, args, stop_event: asyncio.Event | None = None):
+async def run_calls(target, payloads, mix, args, stop_event: asyncio.Event | None = None):
     """The run on the aio engine."""
-    channels = [grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-                for _ in range(max(1, args.connections))]
+    connection = as_connection(target)
+    channels = [connection.aio_channel() for _ in range(max(1, args.connections))]
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), timeout=30)
-        kinds = build_calls(channels, payloads, mix, args.concurrency, args.batch_size, args.call_timeout)
+        kinds = build_calls(channels, payloads, mix, args.concurrency, args.batch_size, args.call_timeout,
+                            connection.metadata)
         return await run_load(kinds, stop_event=stop_event, **_run_bounds(args))
     finally:
         for ch in channels:
             await ch.close()
 
 
-def run_calls_threads(target: str, payloads, mix, args):
+def run_calls_threads(target, payloads, mix, args):
     """The run on the threads engine; the first Ctrl-C ends it early and
     keeps the figures, a second one interrupts at once."""
-    channels = [grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-                for _ in range(max(1, args.connections))]
+    connection = as_connection(target)
+    channels = [connection.channel() for _ in range(max(1, args.connections))]
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -317,7 +394,8 @@ def run_calls_threads(target: str, payloads, mix, args):
     try:
         for ch in channels:
             grpc.channel_ready_future(ch).result(timeout=30)
-        kinds = build_calls(channels, payloads, mix, args.concurrency, args.batch_size, args.call_timeout)
+        kinds = build_calls(channels, payloads, mix, args.concurrency, args.batch_size, args.call_timeout,
+                            connection.metadata)
         return run_load_threads(kinds, stop_event=stop, **_run_bounds(args))
     finally:
         for sig, handler in previous.items():
@@ -373,8 +451,18 @@ def main(argv=None) -> int:
             print("gradserve-loadtest: --mix needs --call mixed", file=sys.stderr)
             return 2
         mix = {args.call: 1}
+    if args.protocol == "v2":
+        mix = {("infer" if k == "predict" else k): v for k, v in mix.items()}
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_cert and not args.tls_ca):
+        print("gradserve-loadtest: --tls-cert and --tls-key go together, with --tls-ca", file=sys.stderr)
+        return 2
+    try:
+        connection = Connection.from_args(args)
+    except OSError as e:
+        print(f"gradserve-loadtest: {e}", file=sys.stderr)
+        return 2
     given = [m for ids in args.model_id for m in ids.split(",") if m]
-    models = ModelSet(args.target)
+    models = ModelSet(connection)
     failed_cleanup: list[str] = []
     try:
         spec = spec_from_args(args)
@@ -393,9 +481,9 @@ def main(argv=None) -> int:
         payloads = make_payloads(ids, shape, args.batch_size, mix, args.seed)
         engine = engine_for(args)
         if engine == "threads":
-            result = run_calls_threads(args.target, payloads, mix, args)
+            result = run_calls_threads(connection, payloads, mix, args)
         else:
-            result = asyncio.run(_run_with_signals(args.target, payloads, mix, args))
+            result = asyncio.run(_run_with_signals(connection, payloads, mix, args))
     except KeyboardInterrupt:
         print("gradserve-loadtest: interrupted", file=sys.stderr)
         return 130
@@ -404,8 +492,8 @@ def main(argv=None) -> int:
         if failed_cleanup:
             print(f"gradserve-loadtest: could not delete models {failed_cleanup}", file=sys.stderr)
     report = result_to_dict(
-        result, target=args.target, call=args.call if args.call != "mixed" else
-        ",".join(f"{k}={v}" for k, v in mix.items()),
+        result, target=args.target, call=",".join(mix) if args.call != "mixed" else
+        ",".join(f"{k}={v}" for k, v in mix.items()), protocol=args.protocol,
         engine=engine, models=len(ids), model_ids=ids, models_created=not given, batch_size=args.batch_size,
         layers=[shape.input_size, *args.layers[1:-1], shape.output_units])
     text = json.dumps(report, indent=2) + "\n" if args.format == "json" else format_report(report)

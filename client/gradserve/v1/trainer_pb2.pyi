@@ -98,7 +98,7 @@ class OptimizerSpec(_message.Message):
     centered: bool
     lr_decay: float
     initial_accumulator_value: float
-    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., amsgrad: _Optional[bool] = ..., alpha: _Optional[float] = ..., centered: _Optional[bool] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: bool = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., amsgrad: bool = ..., alpha: _Optional[float] = ..., centered: bool = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ...) -> None: ...
 
 class ScheduleSpec(_message.Message):
     __slots__ = ("name", "step_size", "gamma", "t_max", "eta_min")
@@ -236,7 +236,7 @@ class PredictRequest(_message.Message):
     model_id: str
     inputs: Tensor
     logits: bool
-    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., logits: bool = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("outputs",)

@@ -5,7 +5,7 @@ import warnings
 
 from gradserve.v1 import trainer_pb2 as gradserve_dot_v1_dot_trainer__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class TrainerStub:
+class TrainerStub(object):
     """---------------------------------------------------------------- service
 
     """
@@ -93,7 +93,7 @@ class TrainerStub:
                 _registered_method=True)
 
 
-class TrainerServicer:
+class TrainerServicer(object):
     """---------------------------------------------------------------- service
 
     """
@@ -235,7 +235,7 @@ def add_TrainerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Trainer:
+class Trainer(object):
     """---------------------------------------------------------------- service
 
     """

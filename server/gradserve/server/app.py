@@ -18,6 +18,7 @@ from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.status import mark_retry_safe
 
+from .batching import BatchingConfig, PredictBatcher
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -27,6 +28,10 @@ from .store import SqliteStore
 log = logging.getLogger("gradserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name  # "gradserve.v1.Trainer"
+# The Open Inference Protocol, on the same port. Its generated code is imported
+# only when a server starts: tritonclient registers the same proto names, and a
+# process that imports this module (e.g. for ServerConfig) may also use tritonclient.
+INFERENCE_SERVICE_NAME = "inference.GRPCInferenceService"
 
 
 @dataclass
@@ -46,6 +51,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
@@ -69,9 +75,13 @@ def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tup
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses Trainer calls without ``authorization: Bearer <token>``
-    (UNAUTHENTICATED, retry-safe: the call never reached a model). Health and
-    reflection stay open for probes and grpcurl."""
+    """Refuses Trainer and inference calls without ``authorization: Bearer
+    <token>`` (UNAUTHENTICATED, retry-safe: the call never reached a model).
+    Health, reflection and the V2 liveness and readiness probes stay open
+    for probes and grpcurl."""
+
+    OPEN = {f"/{INFERENCE_SERVICE_NAME}/ServerLive", f"/{INFERENCE_SERVICE_NAME}/ServerReady"}
+    GUARDED = (f"/{SERVICE_NAME}/", f"/{INFERENCE_SERVICE_NAME}/")
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}"
@@ -84,7 +94,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
-        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+        if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected.encode()):
@@ -102,14 +112,33 @@ class GradServer:
         self.store: SqliteStore | None = None
         self.registry: ModelRegistry | None = None
         self.servicer: TrainerServicer | None = None
+        self.predictor: PredictBatcher | None = None
+        self.inference = None  # InferenceServicer
         self.health = health.HealthServicer()
         self.port: int | None = None
         self._server: grpc.Server | None = None
         self.metrics = Metrics()
         self._metrics_http = None
 
+    def _inference_protocol(self):
+        """The V2 protocol's generated service module, with ``self.inference``
+        set; None when this process cannot load it. Its messages share the
+        proto names ``inference.*`` with tritonclient's, and protobuf refuses a
+        second definition in one process: a server embedded next to
+        tritonclient serves the Trainer service alone and says so."""
+        try:
+            from gradserve.inference import grpc_service_pb2_grpc as inference_pb_grpc
+
+            from .inference_servicer import InferenceServicer
+        except TypeError as exc:  # protobuf: "Couldn't build proto file into descriptor pool: duplicate ..."
+            log.warning("event=inference_protocol_off reason=%r (tritonclient's protos are loaded in this "
+                        "process; run the server in its own process to serve both)", str(exc))
+            return None
+        self.inference = InferenceServicer(self.registry, self.predictor, self.servicer.ready, self.metrics)
+        return inference_pb_grpc
+
     def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, INFERENCE_SERVICE_NAME):
             self.health.set(name, status)
 
     def start(self) -> int:
@@ -120,8 +149,13 @@ class GradServer:
         self.store = SqliteStore(cfg.store, synchronous=sync) if cfg.durability.mode != "none" else None
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
-        self.servicer = TrainerServicer(self.registry, self.metrics)
+        self.predictor = PredictBatcher(self.registry, cfg.batching, self.metrics.inference)
+        self.servicer = TrainerServicer(self.registry, self.metrics, self.predictor)
+        inference_pb_grpc = self._inference_protocol()
         self.metrics.models = lambda: len(self.registry.handles())
+        self.metrics.durability_stats = self.registry.stats
+        self.metrics.pending_by_model = self.predictor.pending_by_model
+        self.metrics.served_models = lambda: [h.model_id for h in self.registry.handles()]
         # grpc's own cap sits above ours so the servicer can refuse oversize
         # requests with a message naming --max-message-mb; beyond it grpc refuses.
         cap = 2 * cfg.limits.max_message_bytes + 1024 * 1024
@@ -134,9 +168,12 @@ class GradServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
                                    options=options, interceptors=interceptors)
         pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
+        if inference_pb_grpc is not None:
+            inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        services = (SERVICE_NAME, INFERENCE_SERVICE_NAME) if inference_pb_grpc is not None else (SERVICE_NAME,)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
@@ -160,6 +197,10 @@ class GradServer:
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
                  "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
                  sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
+        b = cfg.batching
+        log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "
+                 "max_batch_size=%d", b.enabled, b.max_queue_delay_us,
+                 ",".join(map(str, b.preferred_batch_sizes)) or "-", b.max_batch_size or cfg.limits.max_batch_rows)
         seconds, layer, threads = warm_up_kernels(cfg.kernel_threads, cfg.default_device)
         log.info("event=kernels_warm seconds=%.2f threading_layer=%s kernel_threads=%s numba_num_threads=%s "
                  "blas_threads=%s", seconds, layer, threads.get("budget"),

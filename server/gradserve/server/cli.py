@@ -40,6 +40,15 @@ SERVE_FLAGS = [
     ("grace-s", float, 10.0, "seconds in-flight calls get to finish at shutdown"),
     ("log-level", str, "info", "debug, info, warning, error"),
     ("log-format", str, "kv", "kv (key=value) or json"),
+    ("dynamic-batching", str, "on", "coalesce concurrent Predict/ModelInfer calls to one model into one kernel "
+                                    "call (on, off)"),
+    ("max-queue-delay-us", int, 0, "dynamic batching: how long the oldest queued call may wait for more rows "
+                                   "before its batch runs, microseconds; 0 (Triton's default): never wait, "
+                                   "batches form from the calls that queued while the previous batch ran"),
+    ("preferred-batch-sizes", str, "", "dynamic batching: comma-separated row counts to prefer (e.g. 64,256); "
+                                       "waiting stops once the largest is queued"),
+    ("max-batch-size", int, 0, "dynamic batching: most rows in one kernel call (0: --max-batch-rows); "
+                               "a larger single call still runs, alone"),
     ("metrics-port", int, -1, "serve Prometheus metrics on http://HOST:PORT/metrics (-1: off; 0: any free port)"),
     ("auth-token", str, "", "when set, every Trainer call must carry 'authorization: Bearer <token>' "
                             "(health and reflection stay open); prefer the environment twin"),
@@ -48,7 +57,8 @@ SERVE_FLAGS = [
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
 ]
 CHOICES = {"durability": ("step", "interval", "none"), "sqlite-sync": ("", "full", "normal"),
-           "log-format": ("kv", "json"), "log-level": ("debug", "info", "warning", "error")}
+           "log-format": ("kv", "json"), "dynamic-batching": ("on", "off"),
+           "log-level": ("debug", "info", "warning", "error")}
 
 
 def env_name(flag: str) -> str:
@@ -91,7 +101,18 @@ def config_from_args(args):
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers),
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        batching=batching_from_args(args))
+
+
+def batching_from_args(args):
+    from .batching import BatchingConfig
+    try:
+        preferred = tuple(int(p) for p in args.preferred_batch_sizes.split(",") if p.strip())
+        return BatchingConfig(enabled=args.dynamic_batching == "on", max_queue_delay_us=args.max_queue_delay_us,
+                              preferred_batch_sizes=preferred, max_batch_size=args.max_batch_size)
+    except ValueError as exc:
+        raise SystemExit(f"gradserve: dynamic batching: {exc}") from None
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteEr
 from gradserve.wire.status import mark_retry_safe
 from gradserve.wire.tensor import TensorError
 
+from .batching import CallCancelled, CallDeadlineExceeded
 from .limits import LimitExceeded
 from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown, StepConflict
 
@@ -43,6 +44,10 @@ class BadRequest(Exception):
         super().__init__(f"{field}: {reason}")
 
 
+class VersionNotFound(Exception):
+    """A V2 request names a model version (step) the model is not at (NOT_FOUND)."""
+
+
 class NotServing(Exception):
     """The server is warming up or shutting down and runs no calls
     (UNAVAILABLE, retry-safe)."""
@@ -52,7 +57,10 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND, False),
+    ((ModelNotFound, VersionNotFound), grpc.StatusCode.NOT_FOUND, False),
+    # a queued Predict whose caller gave up: it left the queue without computing
+    (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
+    (CallCancelled, grpc.StatusCode.CANCELLED, False),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
     # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
     (StepConflict, grpc.StatusCode.ABORTED, False),

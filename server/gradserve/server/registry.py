@@ -671,10 +671,12 @@ class ModelRegistry:
             loss, grads = model.gradients(X, y)
             return loss, grads, model.step
 
-    def predict(self, handle: ModelHandle, X: np.ndarray, logits: bool) -> np.ndarray:
+    def predict(self, handle: ModelHandle, X: np.ndarray, logits: bool) -> tuple[np.ndarray, int]:
+        """The outputs and the step of the weights that computed them."""
         self.limits.check_rows(len(X) if getattr(X, "ndim", 0) else 0)
         with handle.lock.read():
-            return self._usable(handle).predict(X, logits=logits)
+            model = self._usable(handle)
+            return model.predict(X, logits=logits), model.step
 
     def get_weights(self, handle: ModelHandle) -> tuple[int, dict[str, np.ndarray]]:
         with handle.lock.read():

@@ -8,30 +8,37 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
-from .errors import BadRequest, NotServing, rpc
+from .batching import BatchingConfig, PredictBatcher
+from .errors import BadRequest, NotServing, rpc, status_for
 from .registry import MODEL_ID, ModelNotFound, ModelRegistry, StepConflict
 
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
-    def __init__(self, registry: ModelRegistry, metrics=None):
+    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None):
         self.registry = registry
         self.metrics = metrics
+        # Predict's path (validation, dynamic batching), shared with the V2 protocol
+        self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
 
     # -- plumbing -------------------------------------------------------------
+    def _ready(self) -> None:
+        if not self.ready.is_set():
+            raise NotServing("server is not serving yet (warming up) or is shutting down")
+
     def _admit(self, request) -> None:
         """Refuses, before any work, a call the server cannot take now or a
         request over the message limit."""
-        if not self.ready.is_set():
-            raise NotServing("server is not serving yet (warming up) or is shutting down")
+        self._ready()
         self.registry.limits.check_message(request.ByteSize())
 
     def _info(self, handle, listing: bool = False) -> pb.ModelInfo:
@@ -124,11 +131,28 @@ class TrainerServicer(pb_grpc.TrainerServicer):
 
     @rpc
     def Predict(self, request, context):
-        self._admit(request)
+        start = time.perf_counter()
+        self._ready()
         handle = self.registry.get(request.model_id)
-        out = self.registry.predict(handle, decode_tensor(request.inputs, "inputs"), request.logits)
-        self.registry.limits.check_message(out.nbytes + 64, "the reply would have bytes:")
-        return pb.PredictResponse(outputs=encode_tensor(out, "outputs"))
+        try:
+            X = decode_tensor(request.inputs, "inputs")
+            # the tensor's bytes stand for the message: ByteSize() would serialize it all again
+            self.registry.limits.check_message(X.nbytes + len(request.model_id) + 64)
+            decoded = time.perf_counter()
+            call = self.predictor.predict(handle, X, request.logits, context)
+            computed = time.perf_counter()
+            self.registry.limits.check_message(call.outputs.nbytes + 64, "the reply would have bytes:")
+            reply = pb.PredictResponse(outputs=encode_tensor(call.outputs, "outputs"))
+        except Exception as exc:
+            if self.metrics is not None:  # unknown ids make no series: they failed above
+                self.metrics.inference.request_failed(request.model_id, status_for(exc)[0].name,
+                                                      time.perf_counter() - start)
+            raise
+        if self.metrics is not None:
+            end = time.perf_counter()
+            self.metrics.inference.request_done(request.model_id, call.rows, end - start, decoded - start,
+                                                call.queue_seconds, call.compute_seconds, end - computed)
+        return reply
 
     @rpc
     def GetGradients(self, request, context):

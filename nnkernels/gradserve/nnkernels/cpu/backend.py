@@ -3,7 +3,6 @@ workspaces in host memory, driven by the Numba kernels of ``kernels.py``."""
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
@@ -73,26 +72,36 @@ class CpuBackend(Backend):
         self._train_ws: _TrainWorkspace | None = None
         self._no_labels = np.empty(0, np.int64)
         self._no_targets = np.empty((0, spec.output.units), self.dtype)
-        self._local = threading.local()
+        self._free_forward: list[tuple[np.ndarray, np.ndarray]] = []  # forward buffer pairs not in use
 
     # -- inference ----------------------------------------------------------
     def _forward_buffers(self, n: int):
-        """Per-thread Z/A buffers (grown, never shrunk) so concurrent
-        forward calls never share memory."""
+        """A Z/A buffer pair for one forward call, taken from a free list
+        (grown, never shrunk): concurrent calls never share memory, and the
+        pair used last (cache-warm, its pages mapped) is reused first. Per
+        thread instead, a server whose Predict calls land on any of its gRPC
+        workers kept one pair per worker, each sized for the largest batch
+        that worker saw, and each call found its pair cold."""
         need = n * self._width
-        bufs = getattr(self._local, "bufs", None)
+        try:
+            bufs = self._free_forward.pop()  # atomic: no lock needed
+        except IndexError:
+            bufs = None
         if bufs is None or bufs[0].shape[0] < need:
             bufs = (np.empty(need, self.dtype), np.empty(need, self.dtype))
-            self._local.bufs = bufs
-        return bufs[0][:need], bufs[1][:need]
+        return bufs
 
     def forward(self, X, logits=False):
         n = X.shape[0]
-        z, a = self._forward_buffers(n)
+        bufs = self._forward_buffers(n)
+        need = n * self._width
         out = np.empty((n, self.spec.output.units), self.dtype)
-        with runtime.kernel_threads(n):
-            K.forward_kernel(X, self.params, z, a, self._sizes, self._acts, self._act_p,
-                             self._out_kind, bool(logits), out)
+        try:
+            with runtime.kernel_threads(n):
+                K.forward_kernel(X, self.params, bufs[0][:need], bufs[1][:need], self._sizes, self._acts,
+                                 self._act_p, self._out_kind, bool(logits), out)
+        finally:
+            self._free_forward.append(bufs)
         return out
 
     # -- training -----------------------------------------------------------
