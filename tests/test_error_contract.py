@@ -55,6 +55,11 @@ def calls(model_id):
         "GetWeights": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
         "SetWeights": ("set_weights", set_weights),
         "SaveModel": ("save", pb.SaveModelRequest(model_id=model_id)),
+        "SetOptimizer": ("set_optimizer", pb.SetOptimizerRequest(model_id=model_id,
+                                                                 optimizer=pb.OptimizerSpec(lr=0.5))),
+        "SaveCheckpoint": ("save_checkpoint", pb.SaveCheckpointRequest(model_id=model_id, tag="t")),
+        "ListCheckpoints": ("list_checkpoints", pb.ListCheckpointsRequest(model_id=model_id)),
+        "RestoreCheckpoint": ("restore_checkpoint", pb.RestoreCheckpointRequest(model_id=model_id, tag="t")),
     }
 
 
@@ -76,6 +81,7 @@ def servicer(tmp_path):
 @pytest.fixture
 def model_id(servicer):
     handle, _ = servicer.registry.create(SPEC, "m")
+    servicer.registry.save_checkpoint(handle, "t")  # for RestoreCheckpoint
     return handle.model_id
 
 

@@ -288,3 +288,11 @@ def check_fit_args(X, y, epochs: int, batch_size: int):
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
     return X, y, math.ceil(len(X) / batch_size)
+
+
+def set_optimizer_request(model_id: str, changes: dict) -> pb.SetOptimizerRequest:
+    """SetOptimizer with the hyper-parameters in ``changes`` set (ValueError
+    naming an unknown one)."""
+    req = pb.SetOptimizerRequest(model_id=model_id)
+    req.optimizer.CopyFrom(spec_to_message({"optimizer": changes}).optimizer)
+    return req

@@ -230,6 +230,33 @@ class RemoteModel:
         """Checkpoints the model to the server's store now; returns the step saved."""
         return self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id)).step
 
+    # -- optimizer hyper-parameters and named checkpoints ----------------------------
+    def set_optimizer(self, **changes) -> dict:
+        """Changes optimizer hyper-parameters from the next step on (e.g.
+        ``lr=1e-4``; see SetOptimizer for which may change); a new lr
+        replaces ``optimizer.lr``, the base of the schedule. Returns the
+        optimizer now in force (the spec's ``optimizer`` part)."""
+        self.info = _wire.model_info(self.client._call("SetOptimizer",
+                                                       _wire.set_optimizer_request(self.model_id, changes)))
+        return self.info.spec["optimizer"]
+
+    def save_checkpoint(self, tag: str) -> int:
+        """Stores the whole state (parameters, optimizer state and
+        hyper-parameters) on the server under ``tag``; returns its step."""
+        return self.client._call("SaveCheckpoint", pb.SaveCheckpointRequest(model_id=self.model_id, tag=tag)).step
+
+    def list_checkpoints(self) -> list[tuple[str, int, float]]:
+        """[(tag, step, saved unix time)], oldest first."""
+        resp = self.client._call("ListCheckpoints", pb.ListCheckpointsRequest(model_id=self.model_id))
+        return [(c.tag, c.step, c.saved_unix) for c in resp.checkpoints]
+
+    def restore_checkpoint(self, tag: str) -> int:
+        """Puts back the state saved under ``tag`` (the step count goes on);
+        returns the step it was saved at."""
+        resp = self.client._call("RestoreCheckpoint", pb.RestoreCheckpointRequest(model_id=self.model_id, tag=tag))
+        self.refresh()
+        return resp.checkpoint_step
+
     def delete(self) -> None:
         self.client.delete_model(self.model_id)
 
@@ -289,20 +316,27 @@ class RemoteModel:
 
     def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data=None, seed: int | None = None, progress: bool = True,
-            timeout: float | None = None) -> dict[str, list[float]]:
+            timeout: float | None = None, callbacks=()) -> dict[str, list[float]]:
         """Trains for ``epochs`` passes over (X, y) in batches (shuffled each
         epoch with ``seed`` when ``shuffle``), streaming each epoch through
         TrainStream, with a tqdm progress bar. Returns the per-epoch history:
         ``loss`` (and ``accuracy`` for classifiers) as row-weighted means of
         the steps' values, plus ``val_loss``/``val_accuracy`` when
-        ``validation_data=(X_val, y_val)`` is given."""
+        ``validation_data=(X_val, y_val)`` is given. ``callbacks``:
+        ``gradserve.client.callbacks`` objects (EarlyStopping,
+        ReduceLROnPlateau, BestCheckpoint...), called after each epoch with
+        its history values and ``lr``; one may stop training early."""
         from tqdm.auto import tqdm
 
+        from .callbacks import CallbackList
+
+        hooks = CallbackList(callbacks)
         X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
         rng = np.random.default_rng(seed)
         history: dict[str, list[float]] = {}
         bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
                    desc=f"fit {self.model_id}")
+        hooks.train_begin(self)
         try:
             for epoch in range(epochs):
                 index = _wire.batches(len(X), batch_size, shuffle, rng)
@@ -321,6 +355,9 @@ class RemoteModel:
                 for key, value in metrics.items():
                     history.setdefault(key, []).append(value)
                 bar.set_postfix({"epoch": epoch + 1, **{k: f"{v:.4g}" for k, v in metrics.items()}})
+                if hooks.epoch_end(epoch, {**metrics, "lr": result.lr}, self):
+                    break
         finally:
             bar.close()
+        hooks.train_end(self)
         return history

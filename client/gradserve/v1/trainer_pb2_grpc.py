@@ -91,6 +91,26 @@ class TrainerStub(object):
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.SetOptimizer = channel.unary_unary(
+                '/gradserve.v1.Trainer/SetOptimizer',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/gradserve.v1.Trainer/SaveCheckpoint',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.Checkpoint.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/gradserve.v1.Trainer/ListCheckpoints',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/gradserve.v1.Trainer/RestoreCheckpoint',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer(object):
@@ -169,6 +189,37 @@ class TrainerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOptimizer(self, request, context):
+        """-- optimizer hyper-parameters and named checkpoints (callbacks in fit)
+        Changes optimizer hyper-parameters from the next step on; logged, so a
+        restart replays it. A new lr replaces optimizer.lr, the base of the
+        schedule. Replies with the model, its spec showing the new values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Stores the model's state (parameters, optimizer state and
+        hyper-parameters) under a tag, replacing what the tag held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Puts a tag's state back (a logged mutation); the step counter keeps counting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +277,26 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.TrainStream,
                     request_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'SetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizer,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.Checkpoint.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +598,114 @@ class Trainer(object):
             '/gradserve.v1.Trainer/TrainStream',
             gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
             gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/SetOptimizer',
+            gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/SaveCheckpoint',
+            gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/ListCheckpoints',
+            gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/RestoreCheckpoint',
+            gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,8 @@ from gradserve.wire.tensor import TensorError
 
 from .batching import CallCancelled, CallDeadlineExceeded
 from .limits import LimitExceeded
-from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown, StepConflict
+from .registry import (CheckpointNotFound, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown,
+                       StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -57,7 +58,7 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
-    ((ModelNotFound, VersionNotFound), grpc.StatusCode.NOT_FOUND, False),
+    ((ModelNotFound, VersionNotFound, CheckpointNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     (CallCancelled, grpc.StatusCode.CANCELLED, False),

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 
-from gradserve.wire.specmsg import spec_from_message, spec_to_message
+from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
 from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
@@ -212,3 +212,31 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def SaveModel(self, request, context):
         self._admit(request)
         return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id)))
+
+    # -- optimizer hyper-parameters and named checkpoints ------------------------------
+    @rpc
+    def SetOptimizer(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        self.registry.set_optimizer(handle, optimizer_changes(request.optimizer))
+        return self._info(handle)
+
+    @rpc
+    def SaveCheckpoint(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        step = self.registry.save_checkpoint(handle, request.tag)
+        return pb.Checkpoint(tag=request.tag, step=step, saved_unix=time.time())
+
+    @rpc
+    def ListCheckpoints(self, request, context):
+        self._admit(request)
+        infos = self.registry.list_checkpoints(self.registry.get(request.model_id))
+        return pb.ListCheckpointsResponse(checkpoints=[pb.Checkpoint(tag=c.tag, step=c.step, saved_unix=c.saved)
+                                                       for c in infos])
+
+    @rpc
+    def RestoreCheckpoint(self, request, context):
+        self._admit(request)
+        saved_step, step = self.registry.restore_checkpoint(self.registry.get(request.model_id), request.tag)
+        return pb.RestoreCheckpointResponse(checkpoint_step=saved_step, step=step)
