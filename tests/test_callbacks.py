@@ -195,3 +195,24 @@ def test_best_checkpoint_saves_the_best_epoch_and_restores_it_at_the_end(client)
     assert [(t, s) for t, s, _ in remote.list_checkpoints()] == [("best", 4)]
     assert remote.refresh().step == 12
     assert_weights_equal(remote.get_weights(), rec.weights[0])
+
+
+def test_async_client_sets_the_optimizer_and_restores_checkpoints(server):
+    import asyncio
+
+    from gradserve.client import AsyncClient
+
+    async def scenario():
+        async with AsyncClient(server.target, timeout=60) as ac:
+            remote = await ac.create_model(**SPEC)
+            assert (await remote.set_optimizer(lr=0.5))["lr"] == 0.5
+            assert await remote.save_checkpoint("zero") == 0
+            before = await remote.get_weights()
+            await remote.train_step(*batch(0))
+            assert await remote.restore_checkpoint("zero") == 0
+            assert [t for t, _, _ in await remote.list_checkpoints()] == ["zero"]
+            return before, await remote.get_weights(), remote.info.step
+
+    before, after, step = asyncio.run(scenario())
+    assert step == 1
+    assert_weights_equal(after, before)
