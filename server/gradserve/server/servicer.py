@@ -23,9 +23,10 @@ STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to b
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
-    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None):
+    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None, curves=None):
         self.registry = registry
         self.metrics = metrics
+        self.curves = curves  # TrainingCurves (--tensorboard-dir) or None
         # Predict's path (validation, dynamic batching), shared with the V2 protocol
         self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
@@ -64,6 +65,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise
         if self.metrics is not None:
             self.metrics.step()
+        if self.curves is not None:
+            self.curves.step(request.model_id, r)
         resp = pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
         if r.accuracy is not None:
             resp.accuracy = r.accuracy
@@ -185,6 +188,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def DeleteModel(self, request, context):
         self._admit(request)
         self.registry.delete(request.model_id)
+        if self.curves is not None:
+            self.curves.forget(request.model_id)
         return pb.DeleteModelResponse()
 
     @rpc
