@@ -211,7 +211,12 @@ def test_async_client_sets_the_optimizer_and_restores_checkpoints(server):
             await remote.train_step(*batch(0))
             assert await remote.restore_checkpoint("zero") == 0
             assert [t for t, _, _ in await remote.list_checkpoints()] == ["zero"]
-            return before, await remote.get_weights(), remote.info.step
+            restored = await remote.get_weights()
+            assert await remote.accumulate_gradients(*batch(1)) == 8
+            assert (await remote.optimizer_step()).step == 2
+            zeros = {name: np.zeros_like(w) for name, w in restored.items()}
+            assert (await remote.apply_gradients(zeros)).step == 3
+            return before, restored, remote.info.step
 
     before, after, step = asyncio.run(scenario())
     assert step == 1

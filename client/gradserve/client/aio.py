@@ -128,6 +128,18 @@ class AsyncRemoteModel:
         resp = await self.client._call("ListCheckpoints", pb.ListCheckpointsRequest(model_id=self.model_id))
         return [(c.tag, c.step, c.saved_unix) for c in resp.checkpoints]
 
+    async def apply_gradients(self, grads: dict, *, timeout: float | None = None) -> StepResult:
+        req = _wire.apply_gradients_request(self.model_id, grads)
+        return _wire.step_result(await self.client._call("ApplyGradients", req, timeout))
+
+    async def accumulate_gradients(self, X, y, *, timeout: float | None = None) -> int:
+        req = _wire.accumulate_request(self.model_id, X, y)
+        return (await self.client._call("AccumulateGradients", req, timeout)).rows
+
+    async def optimizer_step(self, *, timeout: float | None = None) -> StepResult:
+        req = pb.OptimizerStepRequest(model_id=self.model_id)
+        return _wire.step_result(await self.client._call("OptimizerStep", req, timeout))
+
     async def restore_checkpoint(self, tag: str) -> int:
         req = pb.RestoreCheckpointRequest(model_id=self.model_id, tag=tag)
         resp = await self.client._call("RestoreCheckpoint", req)

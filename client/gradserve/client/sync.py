@@ -24,8 +24,9 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # connection lost after the server received (and maybe applied) the call:
 # retrying then would train twice on the batch. So a TrainStep is retried
 # only when the server marked the failure retry-safe (it refused the call
-# before touching any model: warming up, shutting down).
-NOT_IDEMPOTENT = frozenset({"TrainStep"})
+# before touching any model: warming up, shutting down). The same holds for
+# the gradient calls, which carry no expected step.
+NOT_IDEMPOTENT = frozenset({"TrainStep", "ApplyGradients", "AccumulateGradients", "OptimizerStep"})
 
 
 def retryable(method: str, exc: grpc.RpcError) -> bool:
@@ -249,6 +250,26 @@ class RemoteModel:
         """[(tag, step, saved unix time)], oldest first."""
         resp = self.client._call("ListCheckpoints", pb.ListCheckpointsRequest(model_id=self.model_id))
         return [(c.tag, c.step, c.saved_unix) for c in resp.checkpoints]
+
+    # -- gradients in and out (PyTorch's param.grad = g; optimizer.step()) --------------
+    def apply_gradients(self, grads: dict, *, timeout: float | None = None) -> StepResult:
+        """One optimizer step on ``grads`` ({parameter name: gradient}, every
+        parameter), with the model's clipping and schedule; ``loss`` is NaN."""
+        resp = self.client._call("ApplyGradients", _wire.apply_gradients_request(self.model_id, grads), timeout)
+        return _wire.step_result(resp)
+
+    def accumulate_gradients(self, X, y, *, timeout: float | None = None) -> int:
+        """Adds rows · (the batch's mean-loss gradient) to the model's
+        accumulation; returns the rows accumulated so far. Lost if the server
+        restarts before ``optimizer_step``."""
+        req = _wire.accumulate_request(self.model_id, X, y)
+        return self.client._call("AccumulateGradients", req, timeout).rows
+
+    def optimizer_step(self, *, timeout: float | None = None) -> StepResult:
+        """One step on the accumulated gradients' row-weighted mean (the mean
+        loss over every accumulated row); ``loss`` is that mean loss."""
+        resp = self.client._call("OptimizerStep", pb.OptimizerStepRequest(model_id=self.model_id), timeout)
+        return _wire.step_result(resp)
 
     def restore_checkpoint(self, tag: str) -> int:
         """Puts back the state saved under ``tag`` (the step count goes on);

@@ -377,3 +377,37 @@ class RestoreCheckpointResponse(_message.Message):
     checkpoint_step: int
     step: int
     def __init__(self, checkpoint_step: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("model_id", "gradients")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    gradients: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, model_id: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class AccumulateGradientsRequest(_message.Message):
+    __slots__ = ("model_id", "inputs", "targets")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    inputs: Tensor
+    targets: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AccumulateGradientsResponse(_message.Message):
+    __slots__ = ("rows", "loss", "step")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    loss: float
+    step: int
+    def __init__(self, rows: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+
+class OptimizerStepRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...

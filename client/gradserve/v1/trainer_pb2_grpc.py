@@ -111,6 +111,21 @@ class TrainerStub(object):
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ApplyGradients = channel.unary_unary(
+                '/gradserve.v1.Trainer/ApplyGradients',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
+        self.AccumulateGradients = channel.unary_unary(
+                '/gradserve.v1.Trainer/AccumulateGradients',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.FromString,
+                _registered_method=True)
+        self.OptimizerStep = channel.unary_unary(
+                '/gradserve.v1.Trainer/OptimizerStep',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer(object):
@@ -220,6 +235,30 @@ class TrainerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyGradients(self, request, context):
+        """-- gradients in and out: PyTorch's `param.grad = g; optimizer.step()`,
+        with the model's clipping and schedule. Logged, replayed exactly.
+        One optimizer step on the caller's gradients (loss in the reply: NaN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AccumulateGradients(self, request, context):
+        """Adds rows * (the batch's mean-loss gradient) to the model's accumulation
+        (in memory: lost on restart; begun anew once the model takes a step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimizerStep(self, request, context):
+        """One step on the accumulated gradient / rows: the mean over all rows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +336,21 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.RestoreCheckpoint,
                     request_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'ApplyGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGradients,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'AccumulateGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.AccumulateGradients,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.SerializeToString,
+            ),
+            'OptimizerStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimizerStep,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +760,87 @@ class Trainer(object):
             '/gradserve.v1.Trainer/RestoreCheckpoint',
             gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
             gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/ApplyGradients',
+            gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AccumulateGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/AccumulateGradients',
+            gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizerStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/OptimizerStep',
+            gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

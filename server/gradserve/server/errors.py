@@ -29,8 +29,8 @@ from gradserve.wire.tensor import TensorError
 
 from .batching import CallCancelled, CallDeadlineExceeded
 from .limits import LimitExceeded
-from .registry import (CheckpointNotFound, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown,
-                       StepConflict)
+from .registry import (CheckpointNotFound, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable,
+                       NothingAccumulated, ShuttingDown, StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -65,7 +65,8 @@ STATUS = (
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
     # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
     (StepConflict, grpc.StatusCode.ABORTED, False),
-    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff),
+    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff,
+      NothingAccumulated),
      grpc.StatusCode.FAILED_PRECONDITION, False),
     ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
 )

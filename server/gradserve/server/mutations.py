@@ -30,6 +30,7 @@ import numpy as np
 from gradserve.nnkernels import InputError, Model, OptimizerSpec
 from gradserve.nnkernels.reference import state_names
 
+from . import gradients
 from .wal import checksum, pack_arrays, unpack_arrays
 
 HEADER = struct.Struct("<BBHIQQq")
@@ -39,6 +40,7 @@ TRAIN_STEP = 1
 SET_WEIGHTS = 2
 SET_OPTIMIZER = 3
 RESTORE_CHECKPOINT = 4
+APPLY_GRADIENTS = 5
 
 
 @dataclass
@@ -141,6 +143,8 @@ KINDS: dict[int, tuple[str, Callable[[Model, Mutation], object]]] = {
     SET_WEIGHTS: ("set_weights", _set_weights),
     SET_OPTIMIZER: ("set_optimizer", _set_optimizer),
     RESTORE_CHECKPOINT: ("restore_checkpoint", _restore_checkpoint),
+    APPLY_GRADIENTS: ("apply_gradients", lambda model, m: gradients.apply_gradients(
+        model, m.arrays["gradients"], m.fields["loss"])),
 }
 
 
@@ -163,6 +167,12 @@ def restore_checkpoint(uid: int, version: int, step: int, tag: str, state: dict,
     arrays = {k: v for k, v in state.items() if k != "step"}
     return Mutation(RESTORE_CHECKPOINT, uid, version, step, arrays,
                     {"tag": tag, "optimizer": dataclasses.asdict(optimizer)})
+
+
+def apply_gradients(uid: int, version: int, step: int, flat: np.ndarray, loss: float) -> Mutation:
+    """ApplyGradients, or OptimizerStep with the accumulated mean: the flat
+    gradient the step uses (the reported loss rides along: NaN when unknown)."""
+    return Mutation(APPLY_GRADIENTS, uid, version, step, {"gradients": flat}, {"loss": loss})
 
 
 def apply(model: Model, m: Mutation) -> tuple[Model, object]:

@@ -57,6 +57,7 @@ from gradserve.nnkernels import (DeviceUnavailableError, InputError, Model, Mode
                                  NotTrainableError, OptimizerSpec, ParamLayout, StepResult)
 
 from . import mutations
+from .gradients import GradientAccumulator, flat_gradients
 from .limits import LimitExceeded, Limits
 from .mutations import Mutation
 from .rwlock import ReadWriteLock
@@ -105,6 +106,10 @@ class CheckpointNotFound(KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class NothingAccumulated(RuntimeError):
+    """OptimizerStep with no AccumulateGradients since the model's last step. Server: FAILED_PRECONDITION."""
 
 
 class StepConflict(Exception):
@@ -209,6 +214,7 @@ class ModelHandle:
         # the spec the base state runs on: the created spec with the optimizer
         # hyper-parameters SetOptimizer / RestoreCheckpoint gave it
         self.base_spec: ModelSpec | None = spec
+        self.accumulator: GradientAccumulator | None = None  # AccumulateGradients' sums, in memory only
 
     @property
     def spec(self) -> ModelSpec:
@@ -745,6 +751,45 @@ class ModelRegistry:
         commit.wait()
         log.info("event=optimizer_changed model_id=%s changes=%s", handle.model_id, changes)
         return handle.model.spec.optimizer
+
+    # -- gradients in and out (see gradients.py for the semantics) ------------------------------
+    def apply_gradients(self, handle: ModelHandle, grads: dict):
+        """(StepResult, Commit): one optimizer step on the caller's gradients
+        (loss NaN: the caller computed them); logged with the flat gradient."""
+        def build(uid, version, step):  # validated under the lock, before anything is logged
+            return mutations.apply_gradients(uid, version, step, flat_gradients(handle.model, grads), math.nan)
+
+        return self._mutate(handle, build)
+
+    def accumulate_gradients(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray) -> tuple[int, float, int]:
+        """Adds the batch's gradient to the model's accumulation, begun anew
+        when the model took a step since; returns (rows accumulated, this
+        batch's loss, the model's step). Not logged: an unfinished
+        accumulation is lost on restart (OptimizerStep logs the result)."""
+        self.limits.check_rows(len(X) if getattr(X, "ndim", 0) else 0)
+        with handle.lock.write():  # writes the model's gradient buffer
+            model = self._usable(handle)
+            acc = handle.accumulator
+            if acc is None or acc.step != model.step:
+                acc = GradientAccumulator(model.step, np.zeros(model.num_params, np.float64))
+            before = acc.loss_sum
+            acc.add(model, X, y)
+            handle.accumulator = acc
+            return acc.rows, (acc.loss_sum - before) / len(X), model.step
+
+    def optimizer_step(self, handle: ModelHandle):
+        """(StepResult, Commit): one optimizer step on the accumulated mean
+        gradient; the accumulation is used up (also when the step is refused)."""
+        def build(uid, version, step):
+            acc, handle.accumulator = handle.accumulator, None
+            if acc is None or acc.step != step:
+                raise NothingAccumulated(f"model {handle.model_id!r}: no gradients accumulated at step {step} "
+                                         "(call AccumulateGradients first; an accumulation ends with the step "
+                                         "it was computed at, and a server restart)")
+            flat, loss = acc.mean(handle.model.dtype)
+            return mutations.apply_gradients(uid, version, step, flat, loss)
+
+        return self._mutate(handle, build)
 
     def _checkpoint_store(self) -> SqliteStore:
         if self.store is None:

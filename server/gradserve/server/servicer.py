@@ -245,3 +245,39 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self._admit(request)
         saved_step, step = self.registry.restore_checkpoint(self.registry.get(request.model_id), request.tag)
         return pb.RestoreCheckpointResponse(checkpoint_step=saved_step, step=step)
+
+    # -- gradients in and out ---------------------------------------------------------------
+    def _gradient_step_done(self, model_id: str, r) -> pb.TrainStepResponse:
+        if self.metrics is not None:
+            self.metrics.step()
+        if self.curves is not None:
+            self.curves.step(model_id, r)
+        return pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
+
+    @rpc
+    def ApplyGradients(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        grads = {}
+        for t in request.gradients:
+            if t.name in grads:
+                raise BadRequest("gradients", f"{t.name!r} given twice")
+            grads[t.name] = decode_tensor(t.tensor, t.name)
+        r, commit = self.registry.apply_gradients(handle, grads)
+        commit.wait()
+        return self._gradient_step_done(request.model_id, r)
+
+    @rpc
+    def AccumulateGradients(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        rows, loss, step = self.registry.accumulate_gradients(handle, X, y)
+        return pb.AccumulateGradientsResponse(rows=rows, loss=loss, step=step)
+
+    @rpc
+    def OptimizerStep(self, request, context):
+        self._admit(request)
+        r, commit = self.registry.optimizer_step(self.registry.get(request.model_id))
+        commit.wait()
+        return self._gradient_step_done(request.model_id, r)
