@@ -221,3 +221,30 @@ def test_async_client_sets_the_optimizer_and_restores_checkpoints(server):
     before, after, step = asyncio.run(scenario())
     assert step == 1
     assert_weights_equal(after, before)
+
+
+def test_checkpoints_need_a_store_and_optimizer_changes_work_in_memory():
+    from gradserve.server.registry import Durability, DurabilityOff, ModelRegistry
+    registry = ModelRegistry(None, durability=Durability("none"))
+    handle, _ = registry.create(_spec_dict(SPEC))
+    with pytest.raises(DurabilityOff, match="durability none"):
+        registry.save_checkpoint(handle, "t")
+    assert registry.set_optimizer(handle, {"lr": 0.5}).lr == 0.5
+    assert registry.describe(handle)["spec"]["optimizer"]["lr"] == 0.5
+
+
+def test_a_refused_step_after_an_optimizer_change_rolls_back_onto_the_changed_optimizer():
+    from gradserve.server.registry import Durability, ModelRegistry, StateOverflow
+    registry = ModelRegistry(None, durability=Durability("none"))
+    handle, _ = registry.create(_spec_dict({**SPEC, "hidden": [], "output": (1, "identity"),
+                                            "optimizer": {"name": "sgd", "lr": 0.01}}))
+    registry.set_optimizer(handle, {"lr": 3e38})  # float32 parameters overflow on the next step
+    before = handle.model.get_weights()
+    X, _ = batch(0)
+    y = np.full((8, 1), 1e4, np.float32)
+    with pytest.raises(StateOverflow):
+        registry.train_step(handle, X, y)
+    assert handle.model.step == 0 and handle.model.spec.optimizer.lr == 3e38
+    assert_weights_equal(handle.model.get_weights(), before)
+    registry.set_optimizer(handle, {"lr": 0.01})
+    assert registry.train_step(handle, X, y)[0].lr == pytest.approx(0.01 * 0.5 ** 0)

@@ -743,14 +743,16 @@ class ModelRegistry:
         if not changes:
             raise InputError("optimizer", "sets no hyper-parameter to change")
 
+        changed = []
+
         def build(uid, version, step):  # validated under the lock, before anything is logged
-            optimizer = mutations.changed_optimizer(handle.model.spec.optimizer, changes)
-            return mutations.set_optimizer(uid, version, step, optimizer)
+            changed.append(mutations.changed_optimizer(handle.model.spec.optimizer, changes))
+            return mutations.set_optimizer(uid, version, step, changed[0])
 
         _, commit = self._mutate(handle, build)
         commit.wait()
         log.info("event=optimizer_changed model_id=%s changes=%s", handle.model_id, changes)
-        return handle.model.spec.optimizer
+        return changed[0]
 
     # -- gradients in and out (see gradients.py for the semantics) ------------------------------
     def apply_gradients(self, handle: ModelHandle, grads: dict):
