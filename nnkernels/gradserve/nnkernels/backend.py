@@ -1,5 +1,5 @@
-"""The Backend interface every compute target implements, and the choice of
-target by device name.
+"""The Backend interface every compute target implements (the choice of
+target by device name is ``nnkernels.devices``).
 
 A Backend owns one model's parameters, gradients and optimizer state on one
 device, as flat buffers (see ``nnkernels.params``), plus the workspaces its
@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .errors import DeviceUnavailableError
 from .spec import ModelSpec
 
 
@@ -81,29 +80,3 @@ class Backend(ABC):
     @abstractmethod
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Replace the optimizer state buffers (names and sizes as get_state)."""
-
-
-def available_devices() -> list[str]:
-    """Devices this process can run models on: always ``cpu``; ``cuda`` when
-    numba-cuda is installed and a GPU (or the simulator) is usable."""
-    devices = ["cpu"]
-    try:
-        from .cuda import is_available
-    except ImportError:
-        return devices
-    if is_available():
-        devices.append("cuda")
-    return devices
-
-
-def make_backend(spec: ModelSpec, params: np.ndarray) -> Backend:
-    """The backend for ``spec.device``, starting from ``params``."""
-    if spec.device == "cpu":
-        from .cpu.backend import CpuBackend
-        return CpuBackend(spec, params)
-    if "cuda" not in available_devices():
-        raise DeviceUnavailableError(
-            "device 'cuda' was asked for but no CUDA GPU is usable in this process "
-            f"(available: {', '.join(available_devices())}); install gradserve[cuda] on a GPU machine")
-    from .cuda.backend import CudaBackend
-    return CudaBackend(spec, params)
