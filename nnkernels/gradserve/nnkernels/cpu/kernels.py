@@ -326,22 +326,28 @@ def forward_kernel(X, params, layers, out_kind, bufs, out):
 
 
 # --- losses ----------------------------------------------------------------------
-@njit(**_JIT)
-def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
-    """Softmax cross-entropy of row i with an integer label; writes
-    D[i] = (p - t)/n; returns (loss_i, correct_i)."""
-    u = Zo.shape[1]
+@njit(inline="always", **_JIT)
+def _argmax_logsumexp(Zo, i):
+    """(argmax, log Σ exp) of row i, max-shifted, in float64."""
     m = -np.inf
     am = 0
-    for j in range(u):
+    for j in range(Zo.shape[1]):
         v = np.float64(Zo[i, j])
         if v > m:
             m = v
             am = j
     s = 0.0
-    for j in range(u):
+    for j in range(Zo.shape[1]):
         s += math.exp(np.float64(Zo[i, j]) - m)
-    lse = m + math.log(s)
+    return am, m + math.log(s)
+
+
+@njit(**_JIT)
+def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
+    """Softmax cross-entropy of row i with an integer label; writes
+    D[i] = (p - t)/n; returns (loss_i, correct_i)."""
+    u = Zo.shape[1]
+    am, lse = _argmax_logsumexp(Zo, i)
     lab = y[i]
     eps_c = smoothing / u
     loss = 0.0
@@ -381,22 +387,13 @@ def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
             if (z > 0.0) == (yy > 0.5):
                 correct += 1
     elif out_kind == Out.SOFTMAX:  # probability targets
-        m = -np.inf
-        am = 0
+        am, lse = _argmax_logsumexp(Zo, i)
         ym = -np.inf
         ay = 0
         for j in range(u):
-            v = np.float64(Zo[i, j])
-            if v > m:
-                m = v
-                am = j
             if np.float64(Y[i, j]) > ym:
                 ym = np.float64(Y[i, j])
                 ay = j
-        s = 0.0
-        for j in range(u):
-            s += math.exp(np.float64(Zo[i, j]) - m)
-        lse = m + math.log(s)
         eps_c = smoothing / u
         tsum = 0.0
         for j in range(u):

@@ -16,6 +16,15 @@ from numba import njit, prange
 from ..registry import OptimizerCode as Opt
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _lerp(start, end, weight, keep):
+    """torch.lerp: start + w·(end - start) for w < 0.5, else end - (end -
+    start)·(1 - w), with ``keep`` = 1 - w computed in float64 by the host."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * keep
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def optimizer_kernel(params, grads, state, code, coef):
     """One update of ``params`` (in place) by optimizer ``code`` from
@@ -72,11 +81,7 @@ def optimizer_kernel(params, grads, state, code, coef):
             v = s1[i] * alpha + oma * d * d
             s1[i] = v
             if centered:
-                ga = s3[i]
-                if w < 0.5:  # torch.lerp(ga, d, w)
-                    ga = ga + w * (d - ga)
-                else:
-                    ga = d - (d - ga) * keep
+                ga = _lerp(s3[i], d, w, keep)
                 s3[i] = ga
                 avg = np.sqrt(v - ga * ga) + eps
             else:
@@ -104,11 +109,7 @@ def optimizer_kernel(params, grads, state, code, coef):
                 x = x * decay
             elif wd != 0:
                 d = d + wd * x
-            m = s1[i]
-            if w < 0.5:  # torch.lerp(m, d, w)
-                m = m + w * (d - m)
-            else:
-                m = d - (d - m) * keep
+            m = _lerp(s1[i], d, w, keep)
             s1[i] = m
             v = s2[i] * b2 + omb2 * d * d
             s2[i] = v
