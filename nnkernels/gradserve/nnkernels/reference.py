@@ -137,12 +137,35 @@ def step_grad(z, a, p=0.0):
     return np.zeros_like(z)
 
 
+def silu(z, p=0.0):
+    """z·σ(z) (torch.nn.SiLU)."""
+    return z * sigmoid(z)
+
+
+def silu_grad(z, a, p=0.0):
+    """σ(z)·(1 + z·(1 - σ(z))), as torch's silu_backward."""
+    s = sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mish(z, p=0.0):
+    """z·tanh(softplus(z)) (torch.nn.Mish), softplus with threshold 20."""
+    return z * np.tanh(softplus(z))
+
+
+def mish_grad(z, a, p=0.0):
+    """t + z·σ(z)·(1 - t²) with t = tanh(softplus(z)), as torch's mish_backward."""
+    t = np.tanh(softplus(z))
+    return t + z * sigmoid(z) * (1 - t * t)
+
+
 # registry name -> (f, f')
 ACTIVATIONS = {
     "identity": (identity, identity_grad), "relu": (relu, relu_grad),
     "leaky_relu": (leaky_relu, leaky_relu_grad), "elu": (elu, elu_grad),
     "softplus": (softplus, softplus_grad), "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad),
     "hardswish": (hardswish, hardswish_grad), "gelu": (gelu, gelu_grad), "step": (step, step_grad),
+    "silu": (silu, silu_grad), "mish": (mish, mish_grad),
 }
 
 

@@ -149,6 +149,10 @@ def _act(code, z, p):
         return 0.5 * z * (1.0 + math.tanh(_GELU_C * (z + 0.044715 * z * z * z)))
     if code == Act.STEP:
         return 1.0 if z > 0.0 else 0.0
+    if code == Act.SILU:
+        return z * _sigmoid(z)
+    if code == Act.MISH:
+        return z * math.tanh(_softplus(z))
     return math.nan
 
 
@@ -181,6 +185,12 @@ def _act_grad(code, z, a, p):
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * z * z)
     if code == Act.STEP:
         return 0.0
+    if code == Act.SILU:
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if code == Act.MISH:
+        t = math.tanh(_softplus(z))
+        return t + z * _sigmoid(z) * (1.0 - t * t)
     return math.nan
 
 

@@ -86,6 +86,10 @@ def device_functions(target) -> SimpleNamespace:
             return HALF * x * (ONE + math.tanh(K_GELU * (x + C_GELU * x * x * x)))
         if code == Act.STEP:
             return ONE if x > ZERO else ZERO
+        if code == Act.SILU:
+            return x * sigmoid(x)
+        if code == Act.MISH:
+            return x * math.tanh(softplus(x))
         return NAN
 
     @device
@@ -118,6 +122,12 @@ def device_functions(target) -> SimpleNamespace:
             return HALF * (ONE + t) + HALF * z * (ONE - t * t) * K_GELU * (ONE + C3_GELU * z * z)
         if code == Act.STEP:
             return ZERO  # zero derivative everywhere
+        if code == Act.SILU:
+            s = sigmoid(z)
+            return s * (ONE + z * (ONE - s))
+        if code == Act.MISH:
+            t = math.tanh(softplus(z))
+            return t + z * sigmoid(z) * (ONE - t * t)
         return NAN
 
     @device

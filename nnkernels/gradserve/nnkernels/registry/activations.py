@@ -63,6 +63,10 @@ _ENTRIES = (
                "F.gelu(z, approximate='tanh')"),
     Activation("step", 9, "1 if z > 0 else 0 (threshold unit)",
                "0 everywhere: the jump at 0 has no usable derivative", "(z > 0).to(z.dtype)", trainable=False),
+    Activation("silu", 10, "z·σ(z) (swish with beta 1)", "σ(z)·(1 + z·(1 - σ(z))) (torch's silu_backward)",
+               "F.silu(z)"),
+    Activation("mish", 11, "z·tanh(softplus(z)), softplus with threshold 20",
+               "t + z·σ(z)·(1 - t²) with t = tanh(softplus(z)) (torch's mish_backward)", "F.mish(z)"),
 )
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in _ENTRIES}
