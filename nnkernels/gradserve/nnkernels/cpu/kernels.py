@@ -18,12 +18,13 @@ Design rules:
   the threading layer schedules the iterations (bit-identical runs).
 - Losses and norms accumulate in float64. No fastmath: NaN/Inf must survive
   to the finiteness check in ``Model.train_step``.
-- In a parallel function, an array written inside a prange loop must be
-  visibly a view of an argument: taken by index or attribute from a tuple
-  (not unpacked: ``a, b = t``), or sliced by an ``inline="always"`` helper.
-  Numba 0.68's parfor pass takes an unpacked array or one returned by a call
-  for a fresh temporary and drops the loop's writes when nothing reads it
-  afterwards (seen: zero bias gradients, lost momentum buffers).
+- A prange body writes only through a call (``_bias_act_rows`` and
+  friends, one thread's rows) or into an argument, its fields or items
+  (``bufs.rowloss``, ``state[0]``; never unpacked: ``a, b = t``). Numba
+  0.68's parfor pass takes an array returned by a call or unpacked from a
+  tuple for a fresh temporary and drops the loop's stores to it when
+  nothing reads it afterwards (seen: zero bias gradients, lost momentum
+  buffers).
 - Activations and output kinds are ``nnkernels.registry`` codes, compared
   with the registry's IntEnum members (Numba freezes them as constants), so
   each kernel compiles for few signatures (one per dtype). A code with no
@@ -195,26 +196,26 @@ def _act_grad(code, z, a, p):
 
 
 # --- layers --------------------------------------------------------------------
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _weight(params, layer):
     """The view of one dense layer's W (fan_out × fan_in) in the flat buffer."""
     return params[layer.w_offset:layer.b_offset].reshape((layer.fan_out, layer.fan_in))
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _bias(params, layer):
     """The view of one dense layer's b (fan_out) in the flat buffer."""
     return params[layer.b_offset:layer.b_offset + layer.fan_out]
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _rows(buf, n, layer):
     """The layer's n × units block of a per-row workspace."""
     start = n * layer.unit_offset
     return buf[start:start + n * layer.fan_out].reshape((n, layer.fan_out))
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _rows_t(buf, n, layer):
     """The layer's units × n (transposed) block of a per-row workspace."""
     start = n * layer.unit_offset
@@ -265,6 +266,43 @@ def _bias_act_rows(Z, A, b, code, p, r0, r1):
                 A[i, j] = _act(code, np.float64(z), p)
 
 
+@njit(**_JIT)
+def _dropout_rows(A, Hd, p, key, r0, r1):
+    """Hd[r] = inverted dropout of A[r] for rows r0..r1: element (r, c)
+    kept, times 1/(1-p), when uniform01(key, r·units + c) >= p, else 0."""
+    u = A.shape[1]
+    scale = 1.0 / (1.0 - p)
+    for i in range(r0, r1):
+        for j in range(u):
+            if uniform01(key, i * u + j) >= p:
+                Hd[i, j] = A[i, j] * scale
+            else:
+                Hd[i, j] = 0
+
+
+@njit(**_JIT)
+def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
+    """Rows r0..r1 of the layer below's dL/dz from dL/d(its output) in Dp:
+    times its dropout mask·1/(1-p), times f'(z); written to Dp and, as
+    columns, to Dpt (its transpose, what the weight gradient reads)."""
+    u = Dp.shape[1]
+    scale = 1.0 / (1.0 - drop_p)
+    for i in range(r0, r1):
+        for j in range(u):
+            g = Dp[i, j]
+            if drop_p > 0.0:
+                if uniform01(key, i * u + j) >= drop_p:
+                    g = g * scale
+                else:
+                    g = g * 0
+            if code == Act.RELU:
+                g = g if Zp[i, j] > 0 else g * 0
+            else:
+                g = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
+            Dp[i, j] = g
+            Dpt[j, i] = g
+
+
 @njit(**_PJIT)
 def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
     """Every dense layer from input H (n rows): Z = H·Wᵀ + b and A = f(Z)
@@ -291,15 +329,9 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
         pk = layer.drop_p
         if pk > 0.0 and hbuf.shape[0] > 0:
             Hd = _rows(hbuf, n, layer)
-            scale = 1.0 / (1.0 - pk)
             key = layer.drop_key
-            u = layer.fan_out
-            for i in prange(n):
-                for j in range(u):
-                    if uniform01(key, i * u + j) >= pk:
-                        Hd[i, j] = A[i, j] * scale
-                    else:
-                        Hd[i, j] = 0
+            for k in prange(nb):
+                _dropout_rows(A, Hd, pk, key, k * per, min(n, (k + 1) * per))
             H = Hd
 
 
@@ -353,9 +385,9 @@ def _argmax_logsumexp(Zo, i):
 
 
 @njit(**_JIT)
-def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
+def _loss_row_labels(Zo, y, D, Dt, i, inv_n, smoothing):
     """Softmax cross-entropy of row i with an integer label; writes
-    D[i] = (p - t)/n; returns (loss_i, correct_i)."""
+    D[i] = (p - t)/n and its column of Dt = Dᵀ; returns (loss_i, correct_i)."""
     u = Zo.shape[1]
     am, lse = _argmax_logsumexp(Zo, i)
     lab = y[i]
@@ -370,16 +402,16 @@ def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
         loss = lse - np.float64(Zo[i, lab])
     for j in range(u):
         t = eps_c + (1.0 - smoothing if j == lab else 0.0)
-        D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
+        D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
     return loss, 1 if am == lab else 0
 
 
 @njit(**_JIT)
-def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
+def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
     """One row of the loss of output kind ``out_kind`` against float targets
     (mse, bce_with_logits, or softmax cross-entropy with probability
-    targets). Writes D[i]; returns (row loss sum, correct count); NaN loss
-    for a kind it does not know."""
+    targets). Writes D[i] and its column of Dt = Dᵀ; returns (row loss sum,
+    correct count); NaN loss for a kind it does not know."""
     u = Zo.shape[1]
     loss = 0.0
     correct = 0
@@ -387,13 +419,13 @@ def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
         for j in range(u):
             d = np.float64(Zo[i, j]) - np.float64(Y[i, j])
             loss += d * d
-            D[i, j] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
+            D[i, j] = Dt[j, i] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
     elif out_kind == Out.SIGMOID:  # bce with logits: D = (σ(z) - y)/(n·u)
         for j in range(u):
             z = np.float64(Zo[i, j])
             yy = np.float64(Y[i, j])
             loss += max(z, 0.0) - z * yy + math.log1p(math.exp(-abs(z)))
-            D[i, j] = (_sigmoid(z) - yy) * inv_n
+            D[i, j] = Dt[j, i] = (_sigmoid(z) - yy) * inv_n
             if (z > 0.0) == (yy > 0.5):
                 correct += 1
     elif out_kind == Out.SOFTMAX:  # probability targets
@@ -412,7 +444,7 @@ def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
             loss += t * (lse - np.float64(Zo[i, j]))
         for j in range(u):
             t = np.float64(Y[i, j]) * (1.0 - smoothing) + eps_c
-            D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
+            D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
         correct = 1 if am == ay else 0
     else:
         loss = math.nan
@@ -459,18 +491,15 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     out_layer = layers[L - 1]
     Zo = _rows(zbuf, n, out_layer)
     Do = _rows(dbuf, n, out_layer)
-    u = Zo.shape[1]
-    for i in prange(n):
+    Dot = _rows_t(tbuf, n, out_layer)
+    for r in prange(n):
+        i = np.int64(r)  # one signature for the row functions (the parfor index is unsigned)
         if labels.shape[0] > 0:
-            rl, rc = _loss_row_labels(Zo, labels, Do, i, inv, smoothing)
+            rl, rc = _loss_row_labels(Zo, labels, Do, Dot, i, inv, smoothing)
         else:
-            rl, rc = _loss_row_targets(Zo, Y, Do, i, inv, smoothing, out_kind)
+            rl, rc = _loss_row_targets(Zo, Y, Do, Dot, i, inv, smoothing, out_kind)
         rowloss[i] = rl
         rowcorrect[i] = rc
-    Dot = _rows_t(tbuf, n, out_layer)
-    for j in prange(u):
-        for i in range(n):
-            Dot[j, i] = Do[i, j]
     loss = 0.0
     correct = 0
     for i in range(n):
@@ -490,12 +519,12 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
         else:
             Hin = _rows(abuf, n, layers[l - 1])
         _blocked_dot(Dt, Hin, _weight(grads, layer))  # gW = D.T @ Hin, by blocks of output rows
-        gb = _bias(grads, layer)
+        boff = layer.b_offset
         for j in prange(fout):  # bias grad: row sums of D.T, float64 accumulation
             s = 0.0
             for i in range(n):
                 s += Dt[j, i]
-            gb[j] = s
+            grads[boff + j] = s
         if l > 0:
             below = layers[l - 1]
             W = _weight(params, layer)
@@ -508,24 +537,9 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
             p = below.act_param
             pk = below.drop_p
             key = below.drop_key
-            scale = 1.0 / (1.0 - pk)
-            up = below.fan_out
-            nb, per = _row_blocks(n, up)
+            nb, per = _row_blocks(n, below.fan_out)
             for k in prange(nb):
-                for i in range(k * per, min(n, (k + 1) * per)):
-                    for j in range(up):
-                        g = Dp[i, j]
-                        if pk > 0.0:
-                            if uniform01(key, i * up + j) >= pk:
-                                g = g * scale
-                            else:
-                                g = g * 0
-                        if code == Act.RELU:
-                            g = g if Zp[i, j] > 0 else g * 0
-                        else:
-                            g = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
-                        Dp[i, j] = g
-                        Dpt[j, i] = g
+                _backprop_rows(Dp, Dpt, Zp, Ap, code, p, pk, key, k * per, min(n, (k + 1) * per))
     # squared norm, fixed blocks then a serial sum
     m = grads.shape[0]
     nblk = partials.shape[0]
