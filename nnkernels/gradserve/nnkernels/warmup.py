@@ -31,5 +31,6 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
             clf.predict(X)
             reg.train_step(X, X[:, :1])
             reg.predict(X, logits=True)
-        clf.set_weights(clf.get_weights())  # the 1-D and 2-D finiteness checks
+        clf.set_weights(clf.get_weights())  # 1-D and 2-D finiteness checks
+        clf.load_state_dict(clf.state_dict())
     return time.perf_counter() - t0, runtime.check_threading_layer()
