@@ -6,7 +6,7 @@ import pytest
 from gradserve.nnkernels import (LayerSpec, LossSpec, Model, ModelSpec, OptimizerSpec, OutputSpec,
                        RegularizationSpec, ScheduleSpec, init_params)
 from gradserve.nnkernels import reference as R
-from gradserve.nnkernels.spec import ACTIVATIONS
+from gradserve.nnkernels.registry import ACTIVATIONS, init_state, state_names
 
 UNITS = {"identity": 2, "sigmoid": 3, "softmax": 4}
 LAYER = {"leaky_relu": dict(negative_slope=0.2), "elu": dict(alpha=0.7)}
@@ -104,7 +104,7 @@ def test_50_optimizer_steps_equal_the_reference(opt):
                     regularization=RegularizationSpec(clip_grad_norm=0.5))
     model = Model(spec)
     params = init_params(spec)
-    state = R.init_state(opt, params.size, params.dtype)
+    state = init_state(opt, params.size, params.dtype)
     for t in range(50):
         X, y = batch("softmax", n=8, seed=t)
         result = model.train_step(X, y)
@@ -115,7 +115,7 @@ def test_50_optimizer_steps_equal_the_reference(opt):
         assert result.accuracy == correct / 8
     sd = model.state_dict()
     np.testing.assert_allclose(sd["params"], params, rtol=1e-10, atol=1e-13)
-    for name in R.state_names(opt):
+    for name in state_names(opt):
         np.testing.assert_allclose(sd[f"optimizer.{name}"], state[name], rtol=1e-10, atol=1e-13)
 
 
@@ -127,7 +127,7 @@ def test_dropout_and_noise_are_reproducible_and_equal_the_reference():
     X, y = rs.normal(size=(150, 6)), rs.normal(size=(150, 2))
     a, b = Model(spec), Model(spec)
     params = init_params(spec)
-    state = R.init_state(spec.optimizer, params.size, params.dtype)
+    state = init_state(spec.optimizer, params.size, params.dtype)
     for t in range(3):
         loss_a, grads_a = a.gradients(X, y)
         _, _, ref = R.loss_and_grads(spec, params, X, y, step=t)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradserve.client import interop
-from gradserve.nnkernels.spec import ACTIVATIONS, OUTPUT_LOSS
+from gradserve.nnkernels.registry import ACTIVATIONS, OUTPUTS
 from service_fixtures import server, client  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
@@ -108,7 +108,7 @@ def test_sequential_keys_with_dropout_modules_between_map_by_order():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("kind", sorted(OUTPUT_LOSS))
+@pytest.mark.parametrize("kind", sorted(OUTPUTS))
 def test_onnx_matches_predict_for_every_activation(client, tmp_path, dtype, kind):
     """One model per activation the server supports (the spec's table, so an
     activation added there without an export fails here), through ONNX

@@ -10,20 +10,16 @@ import torch.nn.functional as F
 from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec, ParamLayout,
                        ScheduleSpec, init_params)
 from gradserve.nnkernels import reference as R
-from gradserve.nnkernels.spec import ACTIVATIONS
+from gradserve.nnkernels.registry import (ACTIVATION_PARAMETERS, ACTIVATIONS, clip_coefficient, init_state,
+                                          scheduled_lr, state_names)
 
-TORCH_ACT = {
-    "identity": lambda z, l: z,
-    "relu": lambda z, l: F.relu(z),
-    "leaky_relu": lambda z, l: F.leaky_relu(z, l.negative_slope),
-    "elu": lambda z, l: F.elu(z, l.alpha),
-    "softplus": lambda z, l: F.softplus(z),
-    "sigmoid": lambda z, l: torch.sigmoid(z),
-    "tanh": lambda z, l: torch.tanh(z),
-    "hardswish": lambda z, l: F.hardswish(z),
-    "gelu": lambda z, l: F.gelu(z, approximate="tanh"),
-    "step": lambda z, l: (z > 0).to(z.dtype),
-}
+
+def torch_activation(z, layer):
+    """The registry's PyTorch twin of ``layer``'s activation, applied to z."""
+    params = {name: getattr(layer, name) for name in ACTIVATION_PARAMETERS}
+    return eval(ACTIVATIONS[layer.activation].torch, {"torch": torch, "F": F, "z": z, **params})
+
+
 LAYER = {"leaky_relu": LayerSpec(6, "leaky_relu", negative_slope=0.2), "elu": LayerSpec(6, "elu", alpha=0.7)}
 Z = np.concatenate([np.linspace(-25, 25, 201), [-3.0, 3.0, 0.0, 19.9, 20.1, -1e-3]])
 
@@ -32,15 +28,16 @@ Z = np.concatenate([np.linspace(-25, 25, 201), [-3.0, 3.0, 0.0, 19.9, 20.1, -1e-
 def test_activation_and_derivative_match_torch(name):
     layer = LAYER.get(name, LayerSpec(6, name))
     z = torch.tensor(Z, dtype=torch.float64, requires_grad=True)
-    out = TORCH_ACT[name](z, layer)
-    a = R.ACTIVATIONS[name](Z, R.layer_param(layer))
+    out = torch_activation(z, layer)
+    f, f_grad = R.ACTIVATIONS[name]
+    a = f(Z, layer.activation_param)
     np.testing.assert_allclose(a, out.detach().numpy(), rtol=1e-13, atol=1e-15)
     if out.requires_grad:
         (grad,) = torch.autograd.grad(out.sum(), z)
         expected = grad.numpy()
     else:
         expected = np.zeros_like(Z)
-    np.testing.assert_allclose(R.DERIVATIVES[name](Z, a, R.layer_param(layer)), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(f_grad(Z, a, layer.activation_param), expected, rtol=1e-12, atol=1e-14)
 
 
 def test_losses_match_torch():
@@ -74,7 +71,7 @@ def torch_loss_and_grads(spec, params, X, y):
     tensors = [torch.tensor(v, requires_grad=True) for pair in layout.views(params) for v in pair]
     h = torch.tensor(X)
     for i, layer in enumerate(spec.hidden):
-        h = TORCH_ACT[layer.activation](F.linear(h, tensors[2 * i], tensors[2 * i + 1]), layer)
+        h = torch_activation(F.linear(h, tensors[2 * i], tensors[2 * i + 1]), layer)
     z = F.linear(h, tensors[-2], tensors[-1])
     kind = spec.output.kind
     if kind == "identity":
@@ -155,7 +152,7 @@ def synthetic_grad(p, t):
 def test_optimizer_matches_torch_for_50_steps(opt, make_torch):
     p0 = np.random.default_rng(3).normal(size=37)
     p = p0.copy()
-    state = R.init_state(opt, p.size, p.dtype)
+    state = init_state(opt, p.size, p.dtype)
     tp = torch.tensor(p0.copy(), requires_grad=True)
     topt = make_torch([tp])
     for t in range(1, 51):
@@ -165,7 +162,7 @@ def test_optimizer_matches_torch_for_50_steps(opt, make_torch):
         topt.step()
         np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-10, atol=1e-13, err_msg=f"step {t}")
     tstate = topt.state[tp]
-    for name in R.state_names(opt):
+    for name in state_names(opt):
         np.testing.assert_allclose(state[name], tstate[name].numpy(), rtol=1e-10, atol=1e-13, err_msg=name)
 
 
@@ -181,7 +178,7 @@ def test_schedule_matches_torch_stepped_per_optimizer_step(schedule, make):
     topt = torch.optim.SGD([tp], lr=0.3)
     sched = make(topt)
     for t in range(50):
-        assert R.scheduled_lr(schedule, 0.3, t) == pytest.approx(topt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), t
+        assert scheduled_lr(schedule, 0.3, t) == pytest.approx(topt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), t
         tp.grad = torch.ones(1)
         topt.step()
         sched.step()
@@ -191,7 +188,7 @@ def test_clip_coefficient_matches_clip_grad_norm():
     g = torch.tensor([3.0, 4.0], dtype=torch.float64)
     g.grad = g.clone()
     torch.nn.utils.clip_grad_norm_([g], 1.0)
-    coef = R.clip_coefficient(5.0, 1.0)
+    coef = clip_coefficient(5.0, 1.0)
     np.testing.assert_allclose(np.array([3.0, 4.0]) * coef, g.grad.numpy(), rtol=1e-15)
-    assert R.clip_coefficient(0.5, 1.0) == 1.0
-    assert R.clip_coefficient(5.0, 0.0) == 1.0
+    assert clip_coefficient(0.5, 1.0) == 1.0
+    assert clip_coefficient(5.0, 0.0) == 1.0

@@ -18,9 +18,9 @@ from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, 
 from gradserve.nnkernels import reference as ref
 from gradserve.nnkernels.cuda.backend import CudaBackend
 from gradserve.nnkernels.params import init_params
+from gradserve.nnkernels.registry import ACTIVATIONS, clip_coefficient, init_state, scheduled_lr
 
 TOL = {"float64": dict(rtol=1e-9, atol=1e-9), "float32": dict(rtol=1e-4, atol=1e-4)}
-ACTS = ["identity", "relu", "leaky_relu", "elu", "softplus", "sigmoid", "tanh", "hardswish", "gelu", "step"]
 
 
 def make_spec(dtype="float64", hidden=((5, "tanh"), (4, "relu")), out=(3, "softmax"), input_size=3,
@@ -75,7 +75,7 @@ def check_forward_and_grads(spec, X, y, step=0):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
 def test_every_activation(act, dtype):
     hidden = (LayerSpec(5, act, negative_slope=0.2, alpha=0.7), LayerSpec(4, act, negative_slope=0.2, alpha=0.7))
     spec = make_spec(dtype, hidden=hidden)
@@ -147,8 +147,8 @@ def run_steps(spec, be, params, state, X, y, steps):
     for step in range(steps):
         loss, correct, gsq = be.loss_and_grads(X, y, step)
         norm = math.sqrt(gsq)
-        scale = ref.clip_coefficient(norm, spec.regularization.clip_grad_norm)
-        lr = ref.scheduled_lr(spec.schedule, spec.optimizer.lr, step)
+        scale = clip_coefficient(norm, spec.regularization.clip_grad_norm)
+        lr = scheduled_lr(spec.schedule, spec.optimizer.lr, step)
         be.step(lr, step + 1, scale)
         rloss, rcorrect, rnorm, rlr = ref.train_step(spec, params, state, X, y, step)
         close(loss, rloss, spec.dtype, f"loss at step {step}")
@@ -162,7 +162,7 @@ def test_twenty_optimizer_steps(name, dtype):
     spec = make_spec(dtype, hidden=((4, "tanh"),), out=(3, "softmax"), optimizer=OPTIMIZERS[name])
     X, y = batch(spec, 5)
     params = init_params(spec)
-    state = ref.init_state(spec.optimizer, params.size, params.dtype)
+    state = init_state(spec.optimizer, params.size, params.dtype)
     be = CudaBackend(spec, params)
     run_steps(spec, be, params, state, X, y, 20)
     close(be.get_params(), params, dtype, "params after 20 steps")
@@ -183,7 +183,7 @@ def test_clipping_schedule_dropout_noise_training(dtype):
                      regularization=RegularizationSpec(input_noise_std=0.2, clip_grad_norm=0.05))
     X, y = batch(spec, 5)
     params = init_params(spec)
-    state = ref.init_state(spec.optimizer, params.size, params.dtype)
+    state = init_state(spec.optimizer, params.size, params.dtype)
     be = CudaBackend(spec, params)
     run_steps(spec, be, params, state, X, y, 20)
     close(be.get_params(), params, dtype, "params after 20 clipped steps")

@@ -5,7 +5,7 @@ from .errors import (DeviceUnavailableError, InputError, NonFiniteError,
                      NotTrainableError, SpecError)
 from .spec import (InitSpec, LayerSpec, LossSpec, ModelSpec, OptimizerSpec,
                    OutputSpec, RegularizationSpec, ScheduleSpec)
-from .backend import available_devices
+from .devices import available_devices
 from .params import ParamLayout, init_params
 from .model import Model, StepResult
 from .runtime import set_thread_budget, thread_budget, thread_config

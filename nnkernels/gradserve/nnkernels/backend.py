@@ -1,5 +1,5 @@
-"""The Backend interface every compute target implements, and the choice of
-target by device name.
+"""The Backend interface every compute target implements (the choice of
+target by device name is ``nnkernels.devices``).
 
 A Backend owns one model's parameters, gradients and optimizer state on one
 device, as flat buffers (see ``nnkernels.params``), plus the workspaces its
@@ -24,7 +24,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from .errors import DeviceUnavailableError
 from .spec import ModelSpec
 
 
@@ -74,6 +73,19 @@ class Backend(ABC):
         """A host copy of the flat gradient buffer."""
 
     @abstractmethod
+    def set_grads(self, grads: np.ndarray) -> None:
+        """Replace the flat gradient buffer (same size and dtype): the next
+        ``step`` applies these gradients (PyTorch: ``param.grad = g``)."""
+
+    def nonfinite_buffers(self) -> list[str]:
+        """Names of the buffers holding NaN or ±Inf: ``params`` and
+        ``optimizer.<state name>``. This default checks host copies; a
+        backend whose buffers live in host memory checks them in place."""
+        from .finite import all_finite
+        buffers = {"params": self.get_params(), **{f"optimizer.{k}": v for k, v in self.get_state().items()}}
+        return [name for name, buf in buffers.items() if not all_finite(buf)]
+
+    @abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
         """Host copies of the optimizer state buffers, by name (flat, like
         the parameters; e.g. ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``)."""
@@ -81,29 +93,3 @@ class Backend(ABC):
     @abstractmethod
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Replace the optimizer state buffers (names and sizes as get_state)."""
-
-
-def available_devices() -> list[str]:
-    """Devices this process can run models on: always ``cpu``; ``cuda`` when
-    numba-cuda is installed and a GPU (or the simulator) is usable."""
-    devices = ["cpu"]
-    try:
-        from .cuda import is_available
-    except ImportError:
-        return devices
-    if is_available():
-        devices.append("cuda")
-    return devices
-
-
-def make_backend(spec: ModelSpec, params: np.ndarray) -> Backend:
-    """The backend for ``spec.device``, starting from ``params``."""
-    if spec.device == "cpu":
-        from .cpu.backend import CpuBackend
-        return CpuBackend(spec, params)
-    if "cuda" not in available_devices():
-        raise DeviceUnavailableError(
-            "device 'cuda' was asked for but no CUDA GPU is usable in this process "
-            f"(available: {', '.join(available_devices())}); install gradserve[cuda] on a GPU machine")
-    from .cuda.backend import CudaBackend
-    return CudaBackend(spec, params)

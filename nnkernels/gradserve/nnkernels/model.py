@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import make_backend
-from .cpu.kernels import all_finite
+from .devices import make_backend
 from .errors import InputError, NonFiniteError, NotTrainableError
+from .finite import all_finite
 from .params import ParamLayout, init_params
-from .reference import clip_coefficient, scheduled_lr, state_names
+from .registry import OUTPUTS, clip_coefficient, scheduled_lr, state_names
 from .spec import ModelSpec
 
 
@@ -28,14 +28,6 @@ class StepResult:
     accuracy: float | None
     grad_norm: float
     lr: float
-
-
-def _finite(a: np.ndarray) -> bool:
-    if a.size == 0:
-        return True
-    if a.dtype.kind != "f":
-        return True
-    return bool(all_finite(np.ascontiguousarray(a)))
 
 
 def _real_array(value, field: str) -> np.ndarray:
@@ -94,17 +86,17 @@ class Model:
         if a.shape[1] != self.spec.input_size:
             raise InputError("inputs", f"has {a.shape[1]} columns, the model takes {self.spec.input_size}")
         a = _normalized(a, self.dtype)
-        if not _finite(a):
+        if not all_finite(a):
             raise InputError("inputs", f"contains NaN or Inf (or values beyond {self.dtype.name})")
         return a
 
     def _targets(self, y, n: int) -> np.ndarray:
         a = _real_array(y, "targets")
         units = self.spec.output.units
-        kind = self.spec.output.kind
+        kind = OUTPUTS[self.spec.output.kind]
         if a.ndim == 0 or a.shape[0] != n:
             raise InputError("targets", f"has shape {a.shape}, expected {n} rows to match the inputs")
-        if kind == "softmax":
+        if kind.class_labels:
             if a.ndim == 1:
                 if a.dtype.kind not in "iub":
                     raise InputError("targets", f"1-D class labels must be integers, got dtype {a.dtype} "
@@ -123,10 +115,12 @@ class Model:
             if a.ndim != 2 or a.shape[1] != units:
                 raise InputError("targets", f"must have shape ({n}, {units}), got {a.shape}")
         a = _normalized(a, self.dtype)
-        if not _finite(a):
+        if not all_finite(a):
             raise InputError("targets", "contains NaN or Inf")
-        if kind == "sigmoid" and (a.min() < 0 or a.max() > 1):
-            raise InputError("targets", "bce_with_logits targets must lie in [0, 1]")
+        if kind.target_range is not None:
+            lo, hi = kind.target_range
+            if a.min() < lo or a.max() > hi:
+                raise InputError("targets", f"{kind.loss} targets must lie in [{lo:g}, {hi:g}]")
         return a
 
     # -- compute ---------------------------------------------------------------
@@ -149,12 +143,10 @@ class Model:
         return StepResult(self.step, loss, self._accuracy(correct, X.shape[0]), norm, lr)
 
     def _accuracy(self, correct: int, n: int):
-        kind = self.spec.output.kind
-        if kind == "softmax":
-            return correct / n
-        if kind == "sigmoid":
-            return correct / (n * self.spec.output.units)
-        return None
+        """The share of rows or elements (what the output kind counts) classified right; None for regression."""
+        if not OUTPUTS[self.spec.output.kind].classifier:
+            return None
+        return correct / self.spec.output.counted(n)
 
     def gradients(self, X, y) -> tuple[float, dict[str, np.ndarray]]:
         """(loss, raw gradients by name) with the draws of the next step;
@@ -192,10 +184,16 @@ class Model:
             if a.shape != shape:
                 raise InputError(name, f"has shape {a.shape}, expected {shape}")
             views[name][...] = a.astype(self.dtype)
-            if not _finite(views[name]):
+            if not all_finite(views[name]):
                 raise InputError(name, "contains NaN or Inf")
         with self._grad_lock:
             self._backend.set_params(flat)
+
+    def nonfinite_state(self) -> list[str]:
+        """Names of the state parts (``params``, ``optimizer.<name>``) holding
+        NaN or ±Inf, e.g. after an update overflowed from finite gradients;
+        empty when the model is sound. No copies on the CPU."""
+        return self._backend.nonfinite_buffers()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         d = {"params": self._backend.get_params(), "step": np.array(self.step, dtype=np.int64)}
@@ -222,7 +220,7 @@ class Model:
             if a.shape != (self.layout.size,):
                 raise InputError(k, f"has shape {a.shape}, expected ({self.layout.size},)")
             a = a.astype(self.dtype)
-            if not _finite(a):
+            if not all_finite(a):
                 raise InputError(k, "contains NaN or Inf")
             arrays[k] = a
         with self._grad_lock:

@@ -1,5 +1,5 @@
 """The flat parameter buffer: where each layer's weight and bias live, named
-views into it, and the seeded initializers.
+views into it, and its seeded initialization.
 
 Layout (the same on every backend, in checkpoints and on the wire): dense
 layer 0's W (out×in, row-major, as torch.nn.Linear.weight), layer 0's b,
@@ -10,12 +10,12 @@ dense layers only: ``layers.{i}.weight`` and ``layers.{i}.bias``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import InitSpec, ModelSpec
+from .registry import INITIALIZERS
+from .spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,16 @@ class DenseSlot:
     b_offset: int
 
     @property
-    def w_size(self) -> int:
-        return self.fan_out * self.fan_in
-
-    @property
     def end(self) -> int:
         return self.b_offset + self.fan_out
+
+    @property
+    def weight_name(self) -> str:
+        return f"layers.{self.index}.weight"
+
+    @property
+    def bias_name(self) -> str:
+        return f"layers.{self.index}.bias"
 
 
 class ParamLayout:
@@ -54,26 +58,19 @@ class ParamLayout:
     def num_layers(self) -> int:
         return len(self.slots)
 
-    def names(self) -> list[str]:
-        out = []
-        for s in self.slots:
-            out += [f"layers.{s.index}.weight", f"layers.{s.index}.bias"]
-        return out
-
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every parameter, in buffer order."""
         out = []
         for s in self.slots:
-            out.append((f"layers.{s.index}.weight", (s.fan_out, s.fan_in)))
-            out.append((f"layers.{s.index}.bias", (s.fan_out,)))
+            out += [(s.weight_name, (s.fan_out, s.fan_in)), (s.bias_name, (s.fan_out,))]
         return out
 
     def offsets(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """name -> (offset, shape)."""
         out = {}
         for s in self.slots:
-            out[f"layers.{s.index}.weight"] = (s.w_offset, (s.fan_out, s.fan_in))
-            out[f"layers.{s.index}.bias"] = (s.b_offset, (s.fan_out,))
+            out[s.weight_name] = (s.w_offset, (s.fan_out, s.fan_in))
+            out[s.bias_name] = (s.b_offset, (s.fan_out,))
         return out
 
     def views(self, flat: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -86,46 +83,9 @@ class ParamLayout:
     def named_views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
         for s, (w, b) in zip(self.slots, self.views(flat)):
-            out[f"layers.{s.index}.weight"] = w
-            out[f"layers.{s.index}.bias"] = b
+            out[s.weight_name] = w
+            out[s.bias_name] = b
         return out
-
-
-def _fill(init: InitSpec, shape: tuple[int, ...], fan_in: int, fan_out: int,
-          rng: np.random.Generator) -> np.ndarray:
-    """One tensor drawn as torch.nn.init defines ``init.name`` (float64).
-
-    zeros: 0; constant: value; uniform: U(a, b); normal: N(mean, std²);
-    xavier_uniform: U(±gain·sqrt(6/(fan_in+fan_out)));
-    xavier_normal: N(0, (gain·sqrt(2/(fan_in+fan_out)))²);
-    kaiming_uniform: U(±sqrt(2)·sqrt(3/fan_in)); kaiming_normal:
-    N(0, (sqrt(2)/sqrt(fan_in))²) (mode fan_in, relu gain);
-    torch_default: U(±1/sqrt(fan_in)) (nn.Linear.reset_parameters, for both
-    weight and bias). A bias uses its layer's fan_in and fan_out.
-    """
-    name = init.name
-    if name == "zeros":
-        return np.zeros(shape)
-    if name == "constant":
-        return np.full(shape, float(init.value))
-    if name == "uniform":
-        return rng.uniform(init.a, init.b, size=shape)
-    if name == "normal":
-        return rng.normal(init.mean, init.std, size=shape)
-    if name == "xavier_uniform":
-        bound = init.gain * math.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-bound, bound, size=shape)
-    if name == "xavier_normal":
-        return rng.normal(0.0, init.gain * math.sqrt(2.0 / (fan_in + fan_out)), size=shape)
-    if name == "kaiming_uniform":
-        bound = math.sqrt(2.0) * math.sqrt(3.0 / fan_in)
-        return rng.uniform(-bound, bound, size=shape)
-    if name == "kaiming_normal":
-        return rng.normal(0.0, math.sqrt(2.0) / math.sqrt(fan_in), size=shape)
-    if name == "torch_default":
-        bound = 1.0 / math.sqrt(fan_in)
-        return rng.uniform(-bound, bound, size=shape)
-    raise ValueError(f"unknown initializer {name!r}")
 
 
 def layer_rng(seed: int, layer: int) -> np.random.Generator:
@@ -136,12 +96,14 @@ def layer_rng(seed: int, layer: int) -> np.random.Generator:
 
 def init_params(spec: ModelSpec) -> np.ndarray:
     """A new flat parameter buffer (spec.dtype) initialized by
-    spec.weight_init and spec.bias_init. Each dense layer draws its weight,
-    then its bias, from ``layer_rng(spec.seed, i)``, in float64, then casts."""
+    spec.weight_init and spec.bias_init (``registry.initializers``). Each
+    dense layer draws its weight, then its bias, from
+    ``layer_rng(spec.seed, i)``, in float64, then casts."""
     layout = ParamLayout(spec)
     flat = np.empty(layout.size, dtype=np.float64)
+    weight, bias = INITIALIZERS[spec.weight_init.name], INITIALIZERS[spec.bias_init.name]
     for s, (w, b) in zip(layout.slots, layout.views(flat)):
         rng = layer_rng(spec.seed, s.index)
-        w[...] = _fill(spec.weight_init, w.shape, s.fan_in, s.fan_out, rng)
-        b[...] = _fill(spec.bias_init, b.shape, s.fan_in, s.fan_out, rng)
+        w[...] = weight.draw(spec.weight_init, w.shape, s.fan_in, s.fan_out, rng)
+        b[...] = bias.draw(spec.bias_init, b.shape, s.fan_in, s.fan_out, rng)
     return flat.astype(spec.dtype)

@@ -1,6 +1,9 @@
-"""Plain-NumPy forward, backward, losses, optimizers and schedules: the oracle
-every backend is tested against, and the place to read what the fast kernels
-must compute. Slow on purpose; every formula is written out once.
+"""Plain-NumPy forward, backward, losses and optimizers: the oracle every
+backend is tested against, and the place to read what the fast kernels must
+compute. Slow on purpose; every formula is written out once, by its
+``nnkernels.registry`` name. What is policy rather than formula (schedules,
+clipping, which state buffers exist) it reads from the registry, as the
+backends do.
 
 Backprop in one paragraph: the forward pass keeps each layer's
 pre-activation ``z``, activation ``a`` and (after dropout) output ``h``. The
@@ -26,11 +29,12 @@ import numpy as np
 
 from . import rng
 from .params import ParamLayout
-from .spec import ModelSpec, OptimizerSpec, ScheduleSpec
+from .registry import clip_coefficient, scheduled_lr
+from .spec import ModelSpec, OptimizerSpec
 
 # --------------------------------------------------------------------------
 # Activations: f(z) and f'(z), as torch.nn.functional defines them.
-# ``p`` is the layer's extra parameter (negative_slope or alpha), else unused.
+# ``p`` is the layer's parameter (LayerSpec.activation_param), else unused.
 # --------------------------------------------------------------------------
 GELU_C = math.sqrt(2.0 / math.pi)
 SOFTPLUS_THRESHOLD = 20.0
@@ -133,26 +137,36 @@ def step_grad(z, a, p=0.0):
     return np.zeros_like(z)
 
 
+def silu(z, p=0.0):
+    """z·σ(z) (torch.nn.SiLU)."""
+    return z * sigmoid(z)
+
+
+def silu_grad(z, a, p=0.0):
+    """σ(z)·(1 + z·(1 - σ(z))), as torch's silu_backward."""
+    s = sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mish(z, p=0.0):
+    """z·tanh(softplus(z)) (torch.nn.Mish), softplus with threshold 20."""
+    return z * np.tanh(softplus(z))
+
+
+def mish_grad(z, a, p=0.0):
+    """t + z·σ(z)·(1 - t²) with t = tanh(softplus(z)), as torch's mish_backward."""
+    t = np.tanh(softplus(z))
+    return t + z * sigmoid(z) * (1 - t * t)
+
+
+# registry name -> (f, f')
 ACTIVATIONS = {
-    "identity": identity, "relu": relu, "leaky_relu": leaky_relu, "elu": elu,
-    "softplus": softplus, "sigmoid": sigmoid, "tanh": tanh,
-    "hardswish": hardswish, "gelu": gelu, "step": step,
+    "identity": (identity, identity_grad), "relu": (relu, relu_grad),
+    "leaky_relu": (leaky_relu, leaky_relu_grad), "elu": (elu, elu_grad),
+    "softplus": (softplus, softplus_grad), "sigmoid": (sigmoid, sigmoid_grad), "tanh": (tanh, tanh_grad),
+    "hardswish": (hardswish, hardswish_grad), "gelu": (gelu, gelu_grad), "step": (step, step_grad),
+    "silu": (silu, silu_grad), "mish": (mish, mish_grad),
 }
-DERIVATIVES = {
-    "identity": identity_grad, "relu": relu_grad, "leaky_relu": leaky_relu_grad,
-    "elu": elu_grad, "softplus": softplus_grad, "sigmoid": sigmoid_grad,
-    "tanh": tanh_grad, "hardswish": hardswish_grad, "gelu": gelu_grad,
-    "step": step_grad,
-}
-
-
-def layer_param(layer) -> float:
-    """The extra activation parameter of a hidden LayerSpec."""
-    if layer.activation == "leaky_relu":
-        return layer.negative_slope
-    if layer.activation == "elu":
-        return layer.alpha
-    return 0.0
 
 
 # --------------------------------------------------------------------------
@@ -168,14 +182,6 @@ def log_softmax(z):
 
 def softmax(z):
     return np.exp(log_softmax(z))
-
-
-def output_activation(kind: str, z):
-    if kind == "identity":
-        return z.copy()
-    if kind == "sigmoid":
-        return sigmoid(z)
-    return softmax(z)
 
 
 def mse_loss_and_delta(out, y):
@@ -220,13 +226,20 @@ def softmax_cross_entropy_loss_and_delta(z, y, label_smoothing=0.0):
     return loss, delta.astype(z.dtype)
 
 
+# registry name -> (output activation, loss and delta)
+OUTPUTS = {
+    "identity": (identity, mse_loss_and_delta),
+    "sigmoid": (sigmoid, bce_with_logits_loss_and_delta),
+    "softmax": (softmax, softmax_cross_entropy_loss_and_delta),
+}
+
+
 def loss_and_delta(spec: ModelSpec, logits, y):
-    kind = spec.output.kind
-    if kind == "identity":
-        return mse_loss_and_delta(logits, y)
-    if kind == "sigmoid":
-        return bce_with_logits_loss_and_delta(logits, y)
-    return softmax_cross_entropy_loss_and_delta(logits, y, spec.loss.label_smoothing)
+    """(loss, dL/dlogits) of the spec's output kind and loss."""
+    loss = OUTPUTS[spec.output.kind][1]
+    if spec.output.kind == "softmax":
+        return loss(logits, y, spec.loss.label_smoothing)
+    return loss(logits, y)
 
 
 def count_correct(spec: ModelSpec, logits, y) -> int:
@@ -274,7 +287,7 @@ def forward(spec: ModelSpec, params, X, *, training=False, step=0):
     for i, layer in enumerate(spec.hidden):
         W, b = views[i]
         z = h @ W.T + b
-        a = ACTIVATIONS[layer.activation](z, layer_param(layer)).astype(dtype)
+        a = ACTIVATIONS[layer.activation][0](z, layer.activation_param).astype(dtype)
         mask = None
         if training and layer.dropout > 0:
             mask = dropout_keep_scale(spec, i, step, a.shape).astype(dtype)
@@ -293,7 +306,7 @@ def forward(spec: ModelSpec, params, X, *, training=False, step=0):
 def predict(spec: ModelSpec, params, X, logits=False):
     """Inference outputs: probabilities (classifiers) / values, or logits."""
     z = forward(spec, params, X)["logits"]
-    return z if logits else output_activation(spec.output.kind, z).astype(params.dtype)
+    return z if logits else OUTPUTS[spec.output.kind][0](z).astype(params.dtype)
 
 
 def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
@@ -317,34 +330,10 @@ def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
             dh = delta @ W
             if cache["masks"][i - 1] is not None:
                 dh = dh * cache["masks"][i - 1]
-            deriv = DERIVATIVES[layer.activation](cache["zs"][i - 1], cache["as_"][i - 1], layer_param(layer))
+            deriv = ACTIVATIONS[layer.activation][1](cache["zs"][i - 1], cache["as_"][i - 1],
+                                                     layer.activation_param)
             delta = (dh * deriv).astype(params.dtype)
     return loss, count_correct(spec, cache["logits"], y), grads
-
-
-def clip_coefficient(grad_norm: float, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_: min(1, max_norm/(total_norm + 1e-6));
-    1.0 when clipping is off (max_norm == 0)."""
-    if max_norm <= 0:
-        return 1.0
-    return min(1.0, max_norm / (grad_norm + 1e-6))
-
-
-# --------------------------------------------------------------------------
-# Learning-rate schedules: lr as a function of t = optimizer steps taken.
-# --------------------------------------------------------------------------
-def scheduled_lr(schedule: ScheduleSpec, base_lr: float, t: int) -> float:
-    """constant: lr; step: lr·gamma^(t // step_size) (StepLR);
-    exponential: lr·gamma^t (ExponentialLR); cosine: eta_min + (lr -
-    eta_min)·(1 + cos(π·t/t_max))/2 (CosineAnnealingLR's closed form)."""
-    name = schedule.name
-    if name == "constant":
-        return base_lr
-    if name == "step":
-        return base_lr * schedule.gamma ** (t // schedule.step_size)
-    if name == "exponential":
-        return base_lr * schedule.gamma ** t
-    return schedule.eta_min + (base_lr - schedule.eta_min) * (1 + math.cos(math.pi * t / schedule.t_max)) / 2
 
 
 # --------------------------------------------------------------------------
@@ -353,27 +342,6 @@ def scheduled_lr(schedule: ScheduleSpec, base_lr: float, t: int) -> float:
 # in torch's evaluation order (addcmul: s + (c·a)·b; addcdiv: s + (c·a)/b) so
 # float64 trajectories agree to rounding.
 # --------------------------------------------------------------------------
-def state_names(opt: OptimizerSpec) -> tuple[str, ...]:
-    """The optimizer state buffers, named as in torch.optim's state dicts."""
-    if opt.name == "sgd":
-        return ("momentum_buffer",) if opt.momentum != 0 else ()
-    if opt.name == "adagrad":
-        return ("sum",)
-    if opt.name == "rmsprop":
-        return ("square_avg",) + (("momentum_buffer",) if opt.momentum > 0 else ()) \
-            + (("grad_avg",) if opt.centered else ())
-    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if opt.amsgrad else ())
-
-
-def init_state(opt: OptimizerSpec, size: int, dtype) -> dict[str, np.ndarray]:
-    """Fresh state as torch.optim creates it (Adagrad's sum starts at
-    initial_accumulator_value; everything else at 0)."""
-    state = {name: np.zeros(size, dtype=dtype) for name in state_names(opt)}
-    if opt.name == "adagrad":
-        state["sum"][:] = opt.initial_accumulator_value
-    return state
-
-
 def lerp(start, end, weight):
     """torch.lerp: start + w·(end - start) for w < 0.5, else
     end - (end - start)·(1 - w)."""
@@ -383,9 +351,9 @@ def lerp(start, end, weight):
 
 
 def optimizer_step(opt: OptimizerSpec, params, grad, state, lr: float, t: int) -> None:
-    """One update of ``params`` (in place) from ``grad`` (not modified)."""
-    {"sgd": sgd_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step,
-     "adam": adam_step, "adamw": adam_step}[opt.name](opt, params, grad, state, lr, t)
+    """One update of ``params`` (in place) from ``grad`` (not modified);
+    ``state``: the buffers ``registry.init_state`` makes."""
+    OPTIMIZERS[opt.name](opt, params, grad, state, lr, t)
 
 
 def sgd_step(opt, p, g, state, lr, t):
@@ -460,6 +428,11 @@ def adam_step(opt, p, g, state, lr, t):
     step_size = lr / (1 - opt.beta1 ** t)
     bc2_sqrt = math.sqrt(1 - opt.beta2 ** t)
     p -= step_size * m / (np.sqrt(v) / bc2_sqrt + opt.eps)
+
+
+# registry name -> update
+OPTIMIZERS = {"sgd": sgd_step, "adagrad": adagrad_step, "rmsprop": rmsprop_step, "adam": adam_step,
+              "adamw": adam_step}
 
 
 def train_step(spec: ModelSpec, params, state, X, y, step: int):

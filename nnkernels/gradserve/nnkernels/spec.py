@@ -6,9 +6,9 @@ seed. Every invalid value raises :class:`SpecError` naming the field and the
 value. ``ModelSpec.to_dict`` / ``ModelSpec.from_dict`` give a JSON-safe form
 (the store and the gRPC layer use it); ``from_dict`` rejects unknown keys.
 
-Names are validated against the registries below, so error messages can list
-what is allowed. The numerical meaning of each name lives in
-``nnkernels.reference`` (the oracle) and is stated there.
+Names, settings, defaults and ranges come from ``nnkernels.registry``, so
+error messages can list what is allowed; the numerical meaning of each name
+is stated there and computed by ``nnkernels.reference`` (the oracle).
 """
 from __future__ import annotations
 
@@ -18,34 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError
+from .registry import (ACTIVATION_PARAMETERS, ACTIVATIONS, HYPERPARAMETERS, INIT_FIELDS, INITIALIZERS, LOSSES,
+                       OPTIMIZERS, OUTPUTS, SCHEDULE_FIELDS, SCHEDULES, SHARED_HYPERPARAMETERS, Field)
 
-# activation name -> the extra parameters it takes (with their defaults)
-ACTIVATIONS = {
-    "identity": (),
-    "relu": (),
-    "leaky_relu": ("negative_slope",),
-    "elu": ("alpha",),
-    "softplus": (),
-    "sigmoid": (),
-    "tanh": (),
-    "hardswish": (),
-    "gelu": (),  # tanh approximation, as torch.nn.GELU(approximate="tanh")
-    "step": (),  # 1 if x > 0 else 0; derivative zero everywhere
-}
-# output kind -> the loss it is paired with (fused in the backward pass)
-OUTPUT_LOSS = {
-    "identity": "mse",
-    "sigmoid": "bce_with_logits",
-    "softmax": "softmax_cross_entropy",
-}
-LOSSES = tuple(OUTPUT_LOSS.values())
-OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam", "adamw")
-SCHEDULES = ("constant", "step", "exponential", "cosine")
-INITIALIZERS = (
-    "zeros", "constant", "uniform", "normal",
-    "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-    "torch_default",
-)
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
 
@@ -54,12 +29,6 @@ MAX_UNITS = 1 << 20
 MAX_LAYERS = 256
 MAX_PARAMS = (1 << 31) - 1
 MAX_SEED = (1 << 63) - 1
-
-# torch.optim's per-optimizer defaults for hyper-parameters whose default
-# differs between optimizers.
-_EPS_DEFAULT = {"sgd": 0.0, "adagrad": 1e-10, "rmsprop": 1e-8, "adam": 1e-8, "adamw": 1e-8}
-_WD_DEFAULT = {"sgd": 0.0, "adagrad": 0.0, "rmsprop": 0.0, "adam": 0.0, "adamw": 1e-2}
-_LR_DEFAULT = {"sgd": 1e-3, "adagrad": 1e-2, "rmsprop": 1e-2, "adam": 1e-3, "adamw": 1e-3}
 
 
 def _choice(path: str, value: str, allowed) -> None:
@@ -83,40 +52,63 @@ def _count(path: str, value, *, lo: int, hi: int) -> None:
         raise SpecError(path, value, f"must be between {lo} and {hi}")
 
 
+def _settings(part, path: str, fields: dict[str, Field]) -> None:
+    """Check every setting of ``part`` named in ``fields`` against its range."""
+    for name, f in fields.items():
+        value = getattr(part, name)
+        if f.kind is int:
+            _count(f"{path}.{name}", value, lo=f.lo, hi=f.hi)
+        elif f.kind is float:
+            _finite(f"{path}.{name}", value, lo=f.lo, hi=f.hi, lo_open=f.lo_open, hi_open=f.hi_open)
+
+
 @dataclass(frozen=True)
 class LayerSpec:
-    """One hidden dense layer: ``units`` outputs, then ``activation``, then
-    dropout with probability ``dropout`` while training (inverted dropout:
-    kept units are scaled by 1/(1-p), as torch.nn.Dropout)."""
+    """One hidden dense layer: ``units`` outputs, then ``activation`` (with
+    its parameter, when it takes one), then dropout with probability
+    ``dropout`` while training (inverted dropout: kept units are scaled by
+    1/(1-p), as torch.nn.Dropout)."""
 
     units: int
     activation: str = "relu"
-    negative_slope: float = 0.01  # leaky_relu
-    alpha: float = 1.0  # elu
+    negative_slope: float = ACTIVATION_PARAMETERS["negative_slope"].default  # leaky_relu
+    alpha: float = ACTIVATION_PARAMETERS["alpha"].default  # elu
     dropout: float = 0.0
 
     def validate(self, path: str) -> None:
         _count(f"{path}.units", self.units, lo=1, hi=MAX_UNITS)
         _choice(f"{path}.activation", self.activation, tuple(ACTIVATIONS))
-        _finite(f"{path}.negative_slope", self.negative_slope)
-        _finite(f"{path}.alpha", self.alpha, lo=0.0, lo_open=True)
+        _settings(self, path, ACTIVATION_PARAMETERS)
         _finite(f"{path}.dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+
+    @property
+    def activation_param(self) -> float:
+        """The value of the activation's parameter (0.0 when it takes none):
+        what the kernels receive for this layer."""
+        name = ACTIVATIONS[self.activation].param
+        return float(getattr(self, name)) if name else 0.0
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """The output dense layer: ``units`` outputs and the output kind —
-    ``identity`` (regression), ``sigmoid`` (binary / multi-label),
-    ``softmax`` (multi-class; needs units >= 2)."""
+    """The output dense layer: ``units`` outputs and the output kind (see
+    ``registry.outputs``): ``identity`` (regression), ``sigmoid`` (binary /
+    multi-label), ``softmax`` (multi-class; needs units >= 2)."""
 
     units: int
     kind: str = "identity"
 
     def validate(self, path: str) -> None:
         _count(f"{path}.units", self.units, lo=1, hi=MAX_UNITS)
-        _choice(f"{path}.kind", self.kind, tuple(OUTPUT_LOSS))
-        if self.kind == "softmax" and self.units < 2:
-            raise SpecError(f"{path}.units", self.units, "softmax output needs at least 2 units")
+        _choice(f"{path}.kind", self.kind, tuple(OUTPUTS))
+        least = OUTPUTS[self.kind].min_units
+        if self.units < least:
+            raise SpecError(f"{path}.units", self.units, f"{self.kind} output needs at least {least} units")
+
+    def counted(self, rows: int) -> int:
+        """What the loss is a mean over and the accuracy counts in a batch of
+        ``rows``: the rows (per-row kinds) or every element."""
+        return rows if OUTPUTS[self.kind].per_row else rows * self.units
 
 
 @dataclass(frozen=True)
@@ -129,7 +121,7 @@ class LossSpec:
     label_smoothing: float = 0.0
 
     def validate(self, path: str, output_kind: str) -> None:
-        expected = OUTPUT_LOSS[output_kind]
+        expected = OUTPUTS[output_kind].loss
         if self.name != expected:
             _choice(f"{path}.name", self.name, LOSSES)
             raise SpecError(f"{path}.name", self.name,
@@ -140,9 +132,13 @@ class LossSpec:
                             "applies only to softmax_cross_entropy")
 
 
+_HP = {name: f.default for name, f in HYPERPARAMETERS.items()}
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """Optimizer and hyper-parameters, named and defaulted as in torch.optim.
+    """Optimizer and hyper-parameters, named and defaulted as in torch.optim
+    (see ``registry.optimizers``).
 
     ``eps``, ``weight_decay`` and ``lr`` left as None take the torch default
     of the chosen optimizer (e.g. eps 1e-10 for Adagrad, weight_decay 1e-2
@@ -153,104 +149,76 @@ class OptimizerSpec:
     lr: float | None = None
     weight_decay: float | None = None
     eps: float | None = None
-    # sgd, rmsprop
-    momentum: float = 0.0
-    # sgd
-    dampening: float = 0.0
-    nesterov: bool = False
-    # adam, adamw
-    beta1: float = 0.9
-    beta2: float = 0.999
-    amsgrad: bool = False
-    # rmsprop
-    alpha: float = 0.99
-    centered: bool = False
-    # adagrad
-    lr_decay: float = 0.0
-    initial_accumulator_value: float = 0.0
+    momentum: float = _HP["momentum"]  # sgd, rmsprop
+    dampening: float = _HP["dampening"]  # sgd
+    nesterov: bool = _HP["nesterov"]  # sgd
+    beta1: float = _HP["beta1"]  # adam, adamw
+    beta2: float = _HP["beta2"]  # adam, adamw
+    amsgrad: bool = _HP["amsgrad"]  # adam, adamw
+    alpha: float = _HP["alpha"]  # rmsprop
+    centered: bool = _HP["centered"]  # rmsprop
+    lr_decay: float = _HP["lr_decay"]  # adagrad
+    initial_accumulator_value: float = _HP["initial_accumulator_value"]  # adagrad
 
     def __post_init__(self):
-        if self.name in OPTIMIZERS:
-            for attr, table in (("lr", _LR_DEFAULT), ("eps", _EPS_DEFAULT), ("weight_decay", _WD_DEFAULT)):
+        entry = OPTIMIZERS.get(self.name)
+        if entry is not None:
+            for attr, default in entry.defaults.items():
                 if getattr(self, attr) is None:
-                    object.__setattr__(self, attr, table[self.name])
-
-    # which non-shared fields each optimizer reads
-    _USES = {
-        "sgd": {"momentum", "dampening", "nesterov"},
-        "adagrad": {"eps", "lr_decay", "initial_accumulator_value"},
-        "rmsprop": {"eps", "alpha", "momentum", "centered"},
-        "adam": {"eps", "beta1", "beta2", "amsgrad"},
-        "adamw": {"eps", "beta1", "beta2", "amsgrad"},
-    }
+                    object.__setattr__(self, attr, default)
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.name", self.name, OPTIMIZERS)
-        _finite(f"{path}.lr", self.lr, lo=0.0)
-        _finite(f"{path}.weight_decay", self.weight_decay, lo=0.0)
-        _finite(f"{path}.eps", self.eps, lo=0.0)
-        _finite(f"{path}.momentum", self.momentum, lo=0.0)
-        _finite(f"{path}.dampening", self.dampening, lo=0.0, hi=1.0)
-        _finite(f"{path}.beta1", self.beta1, lo=0.0, hi=1.0, hi_open=True)
-        _finite(f"{path}.beta2", self.beta2, lo=0.0, hi=1.0, hi_open=True)
-        _finite(f"{path}.alpha", self.alpha, lo=0.0, hi=1.0)
-        _finite(f"{path}.lr_decay", self.lr_decay, lo=0.0)
-        _finite(f"{path}.initial_accumulator_value", self.initial_accumulator_value, lo=0.0)
+        _choice(f"{path}.name", self.name, tuple(OPTIMIZERS))
+        _settings(self, path, HYPERPARAMETERS)
         if self.name == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise SpecError(f"{path}.nesterov", True, "Nesterov momentum requires momentum > 0 and zero dampening")
-        defaults = OptimizerSpec(name=self.name)
-        uses = self._USES[self.name]
-        for f in dataclasses.fields(self):
-            if f.name in ("name", "lr", "weight_decay", "eps") or f.name in uses:
+        uses = OPTIMIZERS[self.name].uses
+        for attr, f in HYPERPARAMETERS.items():
+            if attr in SHARED_HYPERPARAMETERS or attr in uses:
                 continue
-            if getattr(self, f.name) != getattr(defaults, f.name):
-                raise SpecError(f"{path}.{f.name}", getattr(self, f.name),
-                                f"is not a hyper-parameter of {self.name!r}")
+            if getattr(self, attr) != f.default:
+                raise SpecError(f"{path}.{attr}", getattr(self, attr), f"is not a hyper-parameter of {self.name!r}")
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """Learning-rate schedule, a function of t = optimizer steps already taken:
-    constant: lr; step: lr·gamma^(t // step_size) (StepLR);
-    exponential: lr·gamma^t (ExponentialLR);
-    cosine: eta_min + (lr - eta_min)·(1 + cos(π·t / t_max)) / 2
+    """Learning-rate schedule, a function of t = optimizer steps already
+    taken (see ``registry.schedules``): constant: lr; step:
+    lr·gamma^(t // step_size) (StepLR); exponential: lr·gamma^t
+    (ExponentialLR); cosine: eta_min + (lr - eta_min)·(1 + cos(π·t / t_max)) / 2
     (CosineAnnealingLR's closed form). Stepped once per optimizer step."""
 
     name: str = "constant"
-    step_size: int = 1
-    gamma: float = 0.1
-    t_max: int = 1
-    eta_min: float = 0.0
+    step_size: int = SCHEDULE_FIELDS["step_size"].default
+    gamma: float = SCHEDULE_FIELDS["gamma"].default
+    t_max: int = SCHEDULE_FIELDS["t_max"].default
+    eta_min: float = SCHEDULE_FIELDS["eta_min"].default
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.name", self.name, SCHEDULES)
-        _count(f"{path}.step_size", self.step_size, lo=1, hi=MAX_PARAMS)
-        _finite(f"{path}.gamma", self.gamma, lo=0.0, lo_open=True, hi=1.0)
-        _count(f"{path}.t_max", self.t_max, lo=1, hi=MAX_PARAMS)
-        _finite(f"{path}.eta_min", self.eta_min, lo=0.0)
+        _choice(f"{path}.name", self.name, tuple(SCHEDULES))
+        _settings(self, path, SCHEDULE_FIELDS)
 
 
 @dataclass(frozen=True)
 class InitSpec:
-    """A parameter initializer, as torch.nn.init: zeros; constant(value);
-    uniform(a, b); normal(mean, std); xavier_uniform/xavier_normal(gain);
+    """A parameter initializer, as torch.nn.init (see
+    ``registry.initializers``): zeros; constant(value); uniform(a, b);
+    normal(mean, std); xavier_uniform/xavier_normal(gain);
     kaiming_uniform/kaiming_normal (mode fan_in, gain sqrt(2): relu);
     torch_default: nn.Linear's reset_parameters (weights kaiming_uniform
     with a=sqrt(5), i.e. U(±1/sqrt(fan_in)); biases U(±1/sqrt(fan_in)))."""
 
     name: str = "torch_default"
-    value: float = 0.0
-    a: float = 0.0
-    b: float = 1.0
-    mean: float = 0.0
-    std: float = 1.0
-    gain: float = 1.0
+    value: float = INIT_FIELDS["value"].default
+    a: float = INIT_FIELDS["a"].default
+    b: float = INIT_FIELDS["b"].default
+    mean: float = INIT_FIELDS["mean"].default
+    std: float = INIT_FIELDS["std"].default
+    gain: float = INIT_FIELDS["gain"].default
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.name", self.name, INITIALIZERS)
-        for attr in ("value", "a", "b", "mean", "gain"):
-            _finite(f"{path}.{attr}", getattr(self, attr))
-        _finite(f"{path}.std", self.std, lo=0.0)
+        _choice(f"{path}.name", self.name, tuple(INITIALIZERS))
+        _settings(self, path, INIT_FIELDS)
         if self.name == "uniform" and not self.a < self.b:
             raise SpecError(f"{path}.b", self.b, f"uniform needs a < b (a={self.a})")
 
@@ -299,8 +267,8 @@ class ModelSpec:
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
         if isinstance(self.loss, LossSpec) and isinstance(self.output, OutputSpec) and not self.loss.name \
-                and self.output.kind in OUTPUT_LOSS:
-            object.__setattr__(self, "loss", dataclasses.replace(self.loss, name=OUTPUT_LOSS[self.output.kind]))
+                and self.output.kind in OUTPUTS:
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, name=OUTPUTS[self.output.kind].loss))
         self.validate()
 
     def validate(self) -> None:
@@ -339,13 +307,10 @@ class ModelSpec:
 
     @property
     def trainable(self) -> bool:
-        """False when every hidden layer is a ``step`` unit: no gradient
-        reaches any hidden weight, only the output layer would learn."""
-        return not self.hidden or any(l.activation != "step" for l in self.hidden)
-
-    @property
-    def is_classifier(self) -> bool:
-        return self.output.kind in ("sigmoid", "softmax")
+        """False when every hidden layer is a ``step`` unit (an activation
+        whose derivative is zero everywhere): no gradient reaches any hidden
+        weight, only the output layer would learn."""
+        return not self.hidden or any(ACTIVATIONS[l.activation].trainable for l in self.hidden)
 
     # -- plain-data form -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

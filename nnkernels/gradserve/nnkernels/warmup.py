@@ -13,8 +13,8 @@ from .spec import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec, Regularizatio
 
 def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
     """Run a tiny model through every kernel signature the CPU backend uses
-    (per dtype: int labels and float targets, inference, each optimizer
-    pass, small and parallel batch sizes). Returns (seconds taken, threading
+    (per dtype: int labels and float targets, inference, the optimizer pass,
+    small and parallel batch sizes). Returns (seconds taken, threading
     layer); raises RuntimeError when the layer is not thread-safe."""
     t0 = time.perf_counter()
     for dtype in dtypes:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.nnkernels import InputError, Model, NonFiniteError, NotTrainableError, StepResult
-from gradserve.nnkernels.reference import clip_coefficient, scheduled_lr
+from gradserve.nnkernels.registry import clip_coefficient, scheduled_lr
 
 
 def flat_gradients(model: Model, grads: dict) -> np.ndarray:
@@ -57,20 +57,6 @@ def flat_gradients(model: Model, grads: dict) -> np.ndarray:
     return flat
 
 
-def _set_gradient_buffer(model: Model, flat: np.ndarray) -> None:
-    """Puts ``flat`` in the backend's gradient buffer. nnkernels' Backend has
-    no setter for it yet: this reaches the two backends' buffers (host
-    ``grads``, device ``d_grads``) and is the one place to change when it gains one."""
-    backend = model.backend
-    setter = getattr(backend, "set_grads", None)
-    if setter is not None:
-        setter(flat)
-    elif hasattr(backend, "d_grads"):
-        backend.d_grads.copy_to_device(flat)
-    else:
-        backend.grads[:] = flat
-
-
 def apply_gradients(model: Model, flat: np.ndarray, loss: float = math.nan) -> StepResult:
     """One optimizer step on ``flat`` (validated by ``flat_gradients``);
     the caller serializes training calls on the model (the registry's write lock)."""
@@ -82,7 +68,7 @@ def apply_gradients(model: Model, flat: np.ndarray, loss: float = math.nan) -> S
         raise NonFiniteError(f"step {model.step + 1} not applied: gradient norm={norm!r}")
     scale = clip_coefficient(norm, model.spec.regularization.clip_grad_norm)
     lr = scheduled_lr(model.spec.schedule, model.spec.optimizer.lr, model.step)
-    _set_gradient_buffer(model, flat)
+    model.backend.set_grads(flat)
     model.backend.step(lr, model.step + 1, scale)
     model.step += 1
     return StepResult(model.step, loss, None, norm, lr)

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from gradserve.nnkernels import InputError, Model, OptimizerSpec
-from gradserve.nnkernels.reference import state_names
+from gradserve.nnkernels.registry import state_names
 
 from . import gradients
 from .wal import checksum, pack_arrays, unpack_arrays

@@ -145,29 +145,6 @@ class Durability:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)!r}")
 
 
-def nonfinite_parts(model: Model) -> list[str]:
-    """Names of the state arrays (params, optimizer.*) holding Inf or NaN.
-
-    Uses the model's own ``nonfinite_state()`` when nnkernels provides one
-    (a fused pass over the device buffers, no copies). Otherwise from the
-    ``state_dict`` copies: a dot product of an array with itself is finite
-    iff every element is finite and no square overflows; it runs at BLAS
-    speed, so the exact elementwise test runs only when the dot is not."""
-    fused = getattr(model, "nonfinite_state", None)
-    if fused is not None:
-        return list(fused())
-    bad = []
-    for name, a in model.state_dict().items():
-        if a.dtype.kind != "f" or a.size == 0:
-            continue
-        flat = a.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            square_sum = float(np.dot(flat, flat))
-        if not math.isfinite(square_sum) and not np.isfinite(flat).all():
-            bad.append(name)
-    return bad
-
-
 @dataclass
 class _Applied:
     mutation: Mutation
@@ -550,7 +527,7 @@ class ModelRegistry:
                     raise ModelExists(f"model_id={model_id!r} exists with a different spec")
                 return existing, False
         model = Model(spec)
-        bad = nonfinite_parts(model)
+        bad = model.nonfinite_state()
         if bad:
             raise StateOverflow(f"spec: the initial {' and '.join(bad)} are not finite (an initializer's values "
                                 f"overflow {spec.dtype}); nothing was created")
@@ -606,7 +583,7 @@ class ModelRegistry:
         """Applies ``m``; refuses it (model as before) when it leaves a
         non-finite parameter or optimizer state."""
         handle.model, result = mutations.apply(handle.model, m)
-        bad = nonfinite_parts(handle.model)
+        bad = handle.model.nonfinite_state()
         if bad:
             self._stats["rollbacks"] += 1
             self._rebuild(handle)

@@ -1,26 +1,20 @@
 """CpuBackend: one model's flat parameters, gradients, optimizer state and
-workspaces in host memory, driven by the Numba kernels of ``kernels.py``."""
+workspaces in host memory, driven by the Numba kernels of ``kernels.py`` and
+``optimizer.py``."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from .. import rng, runtime
 from ..backend import Backend
+from ..finite import all_finite
+from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients, state_slots
 from ..params import ParamLayout
-from ..reference import init_state, layer_param, state_names
+from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
-from . import kernels as K
-
-# which of the kernel's three state slots holds each named state buffer
-_STATE_SLOTS = {
-    "sgd": ("momentum_buffer", None, None),
-    "adagrad": ("sum", None, None),
-    "rmsprop": ("square_avg", "momentum_buffer", "grad_avg"),
-    "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-    "adamw": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-}
+from .kernels import NORM_BLOCK, ForwardBuffers, Targets, TrainBuffers, TrainSettings, forward_kernel, train_kernel
+from .optimizer import optimizer_kernel
 
 
 class _TrainWorkspace:
@@ -34,12 +28,25 @@ class _TrainWorkspace:
         self.z = np.empty(rows * per_row, dtype)
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
-        self.t = np.empty(rows * per_row, dtype)  # d transposed, per layer
+        self.dt = np.empty(rows * per_row, dtype)  # d transposed, per layer
         has_dropout = any(l.dropout > 0 for l in spec.hidden)
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
         self.rowloss = np.empty(rows, np.float64)
         self.rowcorrect = np.empty(rows, np.int64)
+        self._views: tuple[int, TrainBuffers] | None = None
+
+    def buffers(self, n: int, partials: np.ndarray) -> TrainBuffers:
+        """Views of the first ``n`` rows (kept while n repeats: steady-state
+        training builds nothing per call)."""
+        if self._views is None or self._views[0] != n:
+            m = n * (self.z.shape[0] // self.rows)
+            inputs = self.xin.shape[0] // self.rows
+            self._views = (n, TrainBuffers(
+                xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
+                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt[:m],
+                rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials))
+        return self._views[1]
 
 
 class CpuBackend(Backend):
@@ -53,22 +60,16 @@ class CpuBackend(Backend):
         self.grads = np.zeros_like(self.params)
         opt = spec.optimizer
         self.state = init_state(opt, self.layout.size, self.dtype)
-        empty = np.empty(0, self.dtype)
-        self._slots = [self.state[name] if name in self.state else empty
-                       for name in _STATE_SLOTS[opt.name]]
-        self._opt_code = K.OPT_CODES[opt.name]
-        self._coef = np.zeros(12, self.dtype)
-        self._sizes = np.array(spec.layer_sizes, np.int64)
+        self._slots = state_slots(opt, self.state, np.empty(0, self.dtype))
+        self._opt_code = OPTIMIZERS[opt.name].code
+        self._coef = np.zeros(1, coefficient_dtype(self.dtype))
+        self.layers = layer_table(spec)
         self._width = sum(spec.layer_sizes[1:])  # activations per row, all layers
-        nh = len(spec.hidden)
-        self._acts = np.array([K.ACT_CODES[l.activation] for l in spec.hidden] + [0], np.int64)
-        self._act_p = np.array([layer_param(l) for l in spec.hidden] + [0.0], np.float64)
-        self._drop_p = np.array([l.dropout for l in spec.hidden] + [0.0], np.float64)
-        self._drop_keys = np.zeros(nh + 1, np.uint64)
-        self._out_kind = K.OUT_CODES[spec.output.kind]
+        self._out_kind = OUTPUTS[spec.output.kind].code
+        self._logits_kind = int(OutputCode.IDENTITY)
         self._smoothing = float(spec.loss.label_smoothing)
         self._noise_std = float(spec.regularization.input_noise_std)
-        self._partials = np.empty(max(1, -(-self.layout.size // K.NORM_BLOCK)), np.float64)
+        self._partials = np.empty(max(1, -(-self.layout.size // NORM_BLOCK)), np.float64)
         self._train_ws: _TrainWorkspace | None = None
         self._no_labels = np.empty(0, np.int64)
         self._no_targets = np.empty((0, spec.output.units), self.dtype)
@@ -96,10 +97,11 @@ class CpuBackend(Backend):
         bufs = self._forward_buffers(n)
         need = n * self._width
         out = np.empty((n, self.spec.output.units), self.dtype)
+        out_kind = self._logits_kind if logits else self._out_kind
         try:
             with runtime.kernel_threads(n):
-                K.forward_kernel(X, self.params, bufs[0][:need], bufs[1][:need], self._sizes, self._acts,
-                                 self._act_p, self._out_kind, bool(logits), out)
+                forward_kernel(X, self.params, self.layers, out_kind,
+                               ForwardBuffers(bufs[0][:need], bufs[1][:need]), out)
         finally:
             self._free_forward.append(bufs)
         return out
@@ -113,51 +115,24 @@ class CpuBackend(Backend):
 
     def loss_and_grads(self, X, y, step):
         n = X.shape[0]
-        ws = self._workspace(n)
         spec = self.spec
-        for i in range(len(spec.hidden)):
-            self._drop_keys[i] = rng.stream_key(spec.seed, step, rng.dropout_stream(i)) \
-                if spec.hidden[i].dropout > 0 else 0
-        noise_key = np.uint64(rng.stream_key(spec.seed, step, rng.NOISE_STREAM))
-        m = n * self._width
-        xin = ws.xin[:n * self._sizes[0]].reshape(n, self._sizes[0]) if self._noise_std > 0 \
-            else ws.xin.reshape(0, self._sizes[0])
-        if y.ndim == 1:
-            labels, Y = y, self._no_targets
-        else:
-            labels, Y = self._no_labels, y
+        for i, layer in enumerate(spec.hidden):
+            if layer.dropout > 0:
+                self.layers[i]["drop_key"] = rng.stream_key(spec.seed, step, rng.dropout_stream(i))
+        noise_key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM) if self._noise_std > 0 else 0
+        settings = TrainSettings(self._out_kind, self._smoothing, 1.0 / spec.output.counted(n), self._noise_std,
+                                 np.uint64(noise_key))
+        targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
+        bufs = self._workspace(n).buffers(n, self._partials)
         with runtime.kernel_threads(n):
-            loss, correct, sq = K.train_kernel(
-                X, labels, Y, self.params, self.grads, xin, ws.z[:m], ws.a[:m], ws.h[:m] if ws.h.size else ws.h,
-                ws.d[:m], ws.t[:m], ws.rowloss[:n], ws.rowcorrect[:n], self._partials, self._sizes, self._acts,
-                self._act_p, self._drop_p, self._drop_keys, self._noise_std, noise_key, self._out_kind,
-                self._smoothing)
+            loss, correct, sq = train_kernel(X, targets, self.params, self.grads, self.layers, settings, bufs)
         return float(loss), int(correct), float(sq)
 
-    def _coefficients(self, lr: float, t: int, grad_scale: float) -> np.ndarray:
-        """The per-step scalars of ``optimizer_kernel`` (computed in float64
-        as torch does with Python floats, then cast to the parameter dtype)."""
-        opt = self.spec.optimizer
-        c = [grad_scale, lr, opt.weight_decay] + [0.0] * 9
-        if opt.name == "sgd":
-            c[3:6] = [opt.momentum, 1 - opt.dampening, float(opt.nesterov)]
-        elif opt.name == "adagrad":
-            c[3:5] = [lr / (1 + (t - 1) * opt.lr_decay), opt.eps]
-        elif opt.name == "rmsprop":
-            c[3:9] = [opt.alpha, 1 - opt.alpha, opt.eps, opt.momentum, float(opt.centered),
-                      1 - (1 - opt.alpha)]
-        else:
-            c[3:12] = [1 - opt.beta1, opt.beta2, 1 - opt.beta2, lr / (1 - opt.beta1 ** t),
-                       math.sqrt(1 - opt.beta2 ** t), opt.eps, float(opt.amsgrad),
-                       1 - lr * opt.weight_decay, 1 - (1 - opt.beta1)]
-        self._coef[:] = c
-        return self._coef
-
     def step(self, lr, t, grad_scale):
-        coef = self._coefficients(lr, t, grad_scale)
+        # computed in float64 as torch does with Python floats, then cast to the parameter dtype
+        self._coef[0] = optimizer_coefficients(self.spec.optimizer, lr, t, grad_scale)
         with runtime.kernel_threads(self.params.shape[0] // 2048):
-            K.optimizer_kernel(self._opt_code, self.params, self.grads, self._slots[0], self._slots[1],
-                               self._slots[2], coef, int(t))
+            optimizer_kernel(self.params, self.grads, self._slots, self._opt_code, self._coef)
 
     # -- transfer -----------------------------------------------------------
     def get_params(self):
@@ -168,6 +143,14 @@ class CpuBackend(Backend):
 
     def get_grads(self):
         return self.grads.copy()
+
+    def set_grads(self, grads):
+        self.grads[:] = np.asarray(grads, dtype=self.dtype).reshape(self.layout.size)
+
+    def nonfinite_buffers(self):
+        # in place: one compiled pass per buffer, no copies (runs after every step)
+        buffers = {"params": self.params, **{f"optimizer.{k}": v for k, v in self.state.items()}}
+        return [name for name, buf in buffers.items() if not all_finite(buf)]
 
     def get_state(self):
         return {name: buf.copy() for name, buf in self.state.items()}

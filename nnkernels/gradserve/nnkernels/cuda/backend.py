@@ -20,16 +20,18 @@ serialize on the legacy default stream.
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 
 import numpy as np
 
 from .. import rng
 from ..backend import Backend
+from ..kernel_args import layer_table, optimizer_coefficients, state_slots
+from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
 from . import SIMULATOR, numba_cuda as cuda
-from .kernels import ACTIVATION_CODES, LOSS_CE, LOSS_CODES, OUTPUT_CODES, kernels_for
+from .kernels import kernels_for
+from .target import LayerEpilogue, OptimizerCoefficients
 
 # The simulator is not thread-safe (a launch configures the shared kernel
 # object, and blocks run as Python threads): under it, every backend call in
@@ -39,20 +41,6 @@ _SIM_LOCK = threading.RLock()
 
 def _serialized():
     return _SIM_LOCK if SIMULATOR else contextlib.nullcontext()
-
-
-def state_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The optimizer state buffers this spec keeps (torch keeps a buffer only
-    when its feature is on: SGD momentum, RMSprop momentum/centered, amsgrad)."""
-    o = spec.optimizer
-    if o.name == "sgd":
-        return ("momentum_buffer",) if o.momentum != 0 else ()
-    if o.name == "adagrad":
-        return ("sum",)
-    if o.name == "rmsprop":
-        return ("square_avg",) + (("momentum_buffer",) if o.momentum > 0 else ()) \
-            + (("grad_avg",) if o.centered else ())
-    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if o.amsgrad else ())
 
 
 class _Context:
@@ -104,19 +92,15 @@ class CudaBackend(Backend):
         self.sizes = spec.layer_sizes
         self.L = len(self.sizes) - 1
         self.num_params = spec.num_params
-        self._offsets = []
-        off = 0
-        for i in range(self.L):
-            fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
-            self._offsets.append((off, off + fan_out * fan_in, fan_in, fan_out))
-            off += fan_out * fan_in + fan_out
-        assert off == self.num_params
-        self._acts = [ACTIVATION_CODES[l.activation] for l in spec.hidden]
-        self._p1 = [self._T(l.negative_slope if l.activation == "leaky_relu" else l.alpha) for l in spec.hidden]
-        self._drop = [float(l.dropout) for l in spec.hidden]
-        self._drop_scale = [self._T(1.0 / (1.0 - p)) for p in self._drop]
-        self._loss = LOSS_CODES[spec.loss.name]
-        self._out_kind = OUTPUT_CODES[spec.output.kind]
+        self.layers = layer_table(spec)
+        T = self._T
+        # each layer's epilogue at inference, and while training (with the
+        # step's dropout key filled in per call)
+        self._infer = [LayerEpilogue(int(l["act"]), T(l["act_param"]), np.uint64(0), 0.0,
+                                     T(1.0 / (1.0 - l["drop_p"]))) for l in self.layers]
+        self._dropout = [float(l["drop_p"]) for l in self.layers]
+        self._out_kind = OUTPUTS[spec.output.kind].code
+        self._opt_code = OPTIMIZERS[spec.optimizer.name].code
 
         self._train = _Context(self.sizes, self.dtype, training=True)
         self._pool: list[_Context] = []
@@ -127,15 +111,14 @@ class CudaBackend(Backend):
         self.d_scalars = cuda.to_device(np.zeros(4, np.float64), stream=s)
         self.d_partial = cuda.device_array(self.k.red_blocks, np.float64, stream=s)
         self.d_dummy = cuda.to_device(np.zeros(1, self.dtype), stream=s)
-        self._W = [self.d_params[a:b].reshape(m, k) for a, b, k, m in self._offsets]
-        self._b = [self.d_params[b:b + m] for a, b, k, m in self._offsets]
-        self._dW = [self.d_grads[a:b].reshape(m, k) for a, b, k, m in self._offsets]
-        self._db = [self.d_grads[b:b + m] for a, b, k, m in self._offsets]
-        self._state_names = state_names(spec)
-        init = spec.optimizer.initial_accumulator_value if spec.optimizer.name == "adagrad" else 0.0
-        self.d_state = {name: cuda.to_device(np.full(self.num_params, init if name == "sum" else 0.0, self.dtype),
-                                             stream=s)
-                        for name in self._state_names}
+        self._W = [self._weight(self.d_params, l) for l in self.layers]
+        self._b = [self._bias(self.d_params, l) for l in self.layers]
+        self._dW = [self._weight(self.d_grads, l) for l in self.layers]
+        self._db = [self._bias(self.d_grads, l) for l in self.layers]
+        self._state_names = state_names(spec.optimizer)
+        self.d_state = {name: cuda.to_device(buf, stream=s)
+                        for name, buf in init_state(spec.optimizer, self.num_params, self.dtype).items()}
+        self._slots = state_slots(spec.optimizer, self.d_state, self.d_dummy)
         s.synchronize()
 
     # -- helpers -----------------------------------------------------------
@@ -155,17 +138,23 @@ class CudaBackend(Backend):
         with self._pool_lock:
             self._pool.append(ctx)
 
-    def _linear_forward(self, ctx, i, A_in, n, *, Z, Out, train, key=0):
+    @staticmethod
+    def _weight(flat, layer):
+        return flat[layer["w_offset"]:layer["b_offset"]].reshape(int(layer["fan_out"]), int(layer["fan_in"]))
+
+    @staticmethod
+    def _bias(flat, layer):
+        return flat[layer["b_offset"]:layer["b_offset"] + layer["fan_out"]]
+
+    def _epilogue(self, i: int, key: int) -> LayerEpilogue:
+        """Layer i's epilogue while training with dropout key ``key``."""
+        return self._infer[i]._replace(drop_key=np.uint64(key), drop_p=self._dropout[i])
+
+    def _linear_forward(self, ctx, i, A_in, n, *, Z, Out, epilogue, store_z):
         k = self.k
-        a, b, fan_in, fan_out = self._offsets[i]
-        hidden = i < self.L - 1
-        act = self._acts[i] if hidden else 0
-        p1 = self._p1[i] if hidden else self._T(0.0)
-        drop = self._drop[i] if (hidden and train) else 0.0
-        scale = self._drop_scale[i] if hidden else self._T(1.0)
+        fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
         k.linear_forward[k.grid_tiles(n, fan_out), (k.tile, k.tile), ctx.stream](
-            A_in, self._W[i], self._b[i], Z, Out, n, fan_in, fan_out, act, p1,
-            np.uint64(key), drop, scale, 1 if (train and hidden) else 0)
+            A_in, self._W[i], self._b[i], Z, Out, n, fan_in, fan_out, epilogue, store_z)
 
     # -- Backend -----------------------------------------------------------
     def forward(self, X: np.ndarray, logits: bool = False) -> np.ndarray:
@@ -184,11 +173,11 @@ class CudaBackend(Backend):
             for i in range(self.L):
                 Z = ctx.Z[i][:n]
                 Out = ctx.A[i + 1][:n] if i < self.L - 1 else Z
-                self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, train=False)
+                self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, epilogue=self._infer[i], store_z=0)
                 A = Out
             m = self.sizes[-1]
             res = A
-            if not logits and self._out_kind != OUTPUT_CODES["identity"]:
+            if not logits and self._out_kind != OutputCode.IDENTITY:
                 res = ctx.out[:n]
                 self.k.output_activation[self.k.grid_1d(n), self.k.threads, s](A, res, n, m, self._out_kind)
             host = res.copy_to_host(stream=s)
@@ -225,13 +214,14 @@ class CudaBackend(Backend):
             key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
             k.add_noise[k.grid_1d(n * self.sizes[0]), k.threads, s](Xd, A0, n, self.sizes[0], std, np.uint64(key))
         inputs = [A0]
-        keys = [rng.stream_key(spec.seed, step, rng.dropout_stream(i)) if self._drop[i] > 0 else 0
-                for i in range(self.L - 1)]
+        epilogues = [self._epilogue(i, rng.stream_key(spec.seed, step, rng.dropout_stream(i))
+                                    if self._dropout[i] > 0 else 0) for i in range(self.L)]
         A = A0
         for i in range(self.L):
+            hidden = i < self.L - 1
             Z = ctx.Z[i][:n]
-            Out = ctx.A[i + 1][:n] if i < self.L - 1 else Z
-            self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, train=True, key=keys[i] if i < self.L - 1 else 0)
+            Out = ctx.A[i + 1][:n] if hidden else Z
+            self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, epilogue=epilogues[i], store_z=int(hidden))
             A = Out
             inputs.append(A)
 
@@ -239,29 +229,24 @@ class CudaBackend(Backend):
         Zo = ctx.Z[-1][:n]
         dZo = ctx.dZ[-1][:n]
         ls = float(spec.loss.label_smoothing)
-        if self._loss == LOSS_CE:
-            denom = n
-        else:
-            denom = n * m_out
+        denom = spec.output.counted(n)  # what the loss is a mean over: rows or elements
         gscale = 1.0 / denom
         rl, rc = ctx.rowloss[:n], ctx.rowcorrect[:n]
         if labels:
             k.loss_labels[k.grid_1d(n), k.threads, s](Zo, Yd, dZo, rl, rc, n, m_out, ls, gscale)
         else:
-            k.loss_dense[k.grid_1d(n), k.threads, s](Zo, Yd, dZo, rl, rc, n, m_out, self._loss, ls, gscale)
+            k.loss_dense[k.grid_1d(n), k.threads, s](Zo, Yd, dZo, rl, rc, n, m_out, self._out_kind, ls, gscale)
         k.reduce_rows[1, k.threads, s](rl, rc, n, self.d_scalars)
 
         # backward, last layer first
         for i in range(self.L - 1, -1, -1):
-            a, b, fan_in, fan_out = self._offsets[i]
+            fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
             dZ = ctx.dZ[i][:n]
             k.linear_backward_weight[k.grid_tiles(fan_out, fan_in), (k.tile, k.tile), s](
-                dZ, inputs[i], self._dW[i], self._db[i], n, fan_out, fan_in)
+                dZ, inputs[i], self._dW[i], self._db[i], n, fan_in, fan_out)
             if i > 0:
-                j = i - 1
                 k.linear_backward_input[k.grid_tiles(n, fan_in), (k.tile, k.tile), s](
-                    dZ, self._W[i], ctx.Z[j][:n], ctx.dZ[j][:n], n, fan_out, fan_in,
-                    self._acts[j], self._p1[j], np.uint64(keys[j]), self._drop[j], self._drop_scale[j])
+                    dZ, self._W[i], ctx.Z[i - 1][:n], ctx.dZ[i - 1][:n], n, fan_in, fan_out, epilogues[i - 1])
 
         self._sq_norm(s)
         self.d_scalars.copy_to_host(ctx.result, stream=s)
@@ -280,30 +265,12 @@ class CudaBackend(Backend):
             return self._step(lr, t, grad_scale)
 
     def _step(self, lr: float, t: int, grad_scale: float) -> None:
-        k, o, T = self.k, self.spec.optimizer, self._T
+        k, T = self.k, self._T
         s = self._train.stream
-        P = self.num_params
-        grid = (k.grid_1d(P), k.threads, s)
-        p, g, st, dummy = self.d_params, self.d_grads, self.d_state, self.d_dummy
-        gs = T(grad_scale)
-        wd = T(o.weight_decay)
-        if o.name == "sgd":
-            buf = st.get("momentum_buffer", dummy)
-            # torch: momentum_buffer = d on the first step (t == 1), as the reference
-            k.sgd_step[grid](p, g, buf, P, T(lr), T(o.momentum), T(1.0 - o.dampening), int(o.nesterov), wd, gs,
-                             1 if t == 1 else 0)
-        elif o.name == "adagrad":
-            clr = lr / (1.0 + (t - 1) * o.lr_decay)
-            k.adagrad_step[grid](p, g, st["sum"], P, T(clr), wd, T(o.eps), gs)
-        elif o.name == "rmsprop":
-            k.rmsprop_step[grid](p, g, st["square_avg"], st.get("momentum_buffer", dummy), st.get("grad_avg", dummy),
-                                 P, T(lr), T(o.alpha), T(1.0 - o.alpha), T(o.eps), T(o.momentum), int(o.centered), wd, gs)
-        else:
-            bc1 = 1.0 - o.beta1 ** t
-            bc2 = 1.0 - o.beta2 ** t
-            k.adam_step[grid](p, g, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", dummy), P,
-                              T(lr), T(1.0 - o.beta1), T(o.beta2), T(1.0 - o.beta2), T(o.eps), wd, int(o.name == "adamw"),
-                              int(o.amsgrad), T(lr / bc1), T(math.sqrt(bc2)), gs)
+        # computed in float64 as torch does with Python floats, then cast to the parameter dtype
+        coef = OptimizerCoefficients(*map(T, optimizer_coefficients(self.spec.optimizer, lr, t, grad_scale)))
+        k.optimizer_step[k.grid_1d(self.num_params), k.threads, s](
+            self.d_params, self.d_grads, self._slots, self._opt_code, coef)
         s.synchronize()  # inference streams must see the new parameters
 
     def get_params(self) -> np.ndarray:
@@ -322,6 +289,11 @@ class CudaBackend(Backend):
         host = self.d_grads.copy_to_host(stream=s)
         s.synchronize()
         return host
+
+    def set_grads(self, grads: np.ndarray) -> None:
+        s = self._train.stream
+        self.d_grads.copy_to_device(self._check_flat(grads, "grads"), stream=s)
+        s.synchronize()
 
     def get_state(self) -> dict[str, np.ndarray]:
         s = self._train.stream
