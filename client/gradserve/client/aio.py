@@ -14,7 +14,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import RETRYABLE, _Connection, retryable
+from .sync import RETRYABLE, _Connection, done_by_earlier_attempt, new_model_id, retryable
 
 
 class AsyncClient(_Connection):
@@ -30,6 +30,8 @@ class AsyncClient(_Connection):
                 return await rpc(request, timeout=self.timeout if timeout is None else timeout,
                                  metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
+                if done_by_earlier_attempt(method, exc, attempt):
+                    return None
                 if not retryable(method, exc) or attempt == self.retries:
                     raise
             await asyncio.sleep(delay * (1 + random.random()))
@@ -51,7 +53,7 @@ class AsyncClient(_Connection):
     async def create_model(self, input_size: int, hidden=(), output=None, *, model_id: str | None = None,
                            **spec_kwargs) -> "AsyncRemoteModel":
         spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
-        info = _wire.model_info(await self._call("CreateModel", _wire.create_request(spec, model_id)))
+        info = _wire.model_info(await self._call("CreateModel", _wire.create_request(spec, model_id or new_model_id())))
         return AsyncRemoteModel(self, info)
 
     async def get_model(self, model_id: str) -> "AsyncRemoteModel":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -26,6 +27,21 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # only when the server marked the failure retry-safe (it refused the call
 # before touching any model: warming up, shutting down).
 NOT_IDEMPOTENT = frozenset({"TrainStep"})
+
+
+# On a retry, this status means an earlier attempt (whose reply was lost) did it.
+DONE_BY_EARLIER_ATTEMPT = {"DeleteModel": grpc.StatusCode.NOT_FOUND}
+
+
+def new_model_id() -> str:
+    """An id for a model the caller did not name, picked before the first
+    CreateModel attempt so that a retried create finds the model its lost
+    first attempt made instead of making a second one."""
+    return uuid.uuid4().hex
+
+
+def done_by_earlier_attempt(method: str, exc: grpc.RpcError, attempt: int) -> bool:
+    return attempt > 0 and DONE_BY_EARLIER_ATTEMPT.get(method) == exc.code()
 
 
 def retryable(method: str, exc: grpc.RpcError) -> bool:
@@ -102,6 +118,8 @@ class Client(_Connection):
             try:
                 return rpc(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
+                if done_by_earlier_attempt(method, exc, attempt):
+                    return None
                 if not retryable(method, exc) or attempt == self.retries:
                     raise
             time.sleep(delay * (1 + random.random()))
@@ -126,9 +144,10 @@ class Client(_Connection):
                      **spec_kwargs) -> "RemoteModel":
         """Creates a model (kwargs mirror ``nnkernels.ModelSpec``: loss,
         optimizer, schedule, weight_init, bias_init, regularization, dtype,
-        device, seed). With ``model_id`` the call is idempotent."""
+        device, seed). The call is idempotent: without ``model_id`` the client
+        picks one (a uuid) before the first attempt."""
         spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
-        info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id)))
+        info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id or new_model_id())))
         return RemoteModel(self, info)
 
     def get_model(self, model_id: str) -> "RemoteModel":
@@ -138,6 +157,7 @@ class Client(_Connection):
         return [_wire.model_info(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
 
     def delete_model(self, model_id: str) -> None:
+        """Deletes the model; NOT_FOUND on a retry means the first attempt did."""
         self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
 
 

@@ -22,6 +22,10 @@ WIRE_DTYPES = {
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
 }
 _BY_KIND = {(dt.kind, dt.itemsize): code for code, dt in WIRE_DTYPES.items()}
+MAX_RANK = 32  # numpy's own limit is 64; no gradserve tensor has more than 2 axes
+# no axis can be longer: a longer one of any wire dtype is over gRPC's 2 GiB message
+# bound, and a zero-size tensor with such an axis is only a way to make numpy fail
+MAX_DIM = 2**31 - 1
 
 
 class TensorError(ValueError):
@@ -60,21 +64,37 @@ def encode_tensor(array, field: str = "tensor", out: pb.Tensor | None = None) ->
     return msg
 
 
-def decode_tensor(msg: pb.Tensor, field: str = "tensor") -> np.ndarray:
+def _shape_text(shape) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(shape)} axes)"
+
+
+def decode_tensor(msg: pb.Tensor, field: str = "tensor", ndim: tuple[int, ...] | None = None) -> np.ndarray:
     """A Tensor message as a read-only ndarray sharing the message's bytes.
-    Raises TensorError naming ``field`` for an unknown dtype, a negative
-    dimension, or a byte length that is not prod(shape) * itemsize."""
+    Raises TensorError naming ``field`` for a missing (empty) tensor, an
+    unknown dtype, a rank not in ``ndim`` (when given) or over MAX_RANK, a
+    dimension that is negative or over MAX_DIM, or a byte length that is
+    not prod(shape) * itemsize."""
+    if msg.dtype == pb.DATA_TYPE_UNSPECIFIED and not msg.shape and not msg.data:
+        raise TensorError(field, "is required (the tensor is missing or empty)")
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
         name = pb.DataType.Name(msg.dtype) if msg.dtype in pb.DataType.values() else str(msg.dtype)
         raise TensorError(field, f"unknown dtype {name}; expected one of "
                           + ", ".join(pb.DataType.Name(c) for c in WIRE_DTYPES))
+    if len(msg.shape) > MAX_RANK:
+        raise TensorError(field, f"has {len(msg.shape)} axes; at most {MAX_RANK}")
     shape = tuple(msg.shape)
+    if ndim is not None and len(shape) not in ndim:
+        raise TensorError(field, f"has shape {_shape_text(shape)} ({len(shape)} axes); expected "
+                          + " or ".join(f"{n} axes" for n in ndim))
     if any(d < 0 for d in shape):
-        raise TensorError(field, f"negative dimension in shape {list(shape)}")
+        raise TensorError(field, f"negative dimension in shape {_shape_text(shape)}")
+    if any(d > MAX_DIM for d in shape):
+        raise TensorError(field, f"shape {_shape_text(shape)} has an axis longer than {MAX_DIM}")
     count = math.prod(shape)
     data = msg.data  # each read of a bytes field makes a new copy (upb): read it once
     if len(data) != count * dtype.itemsize:
-        raise TensorError(field, f"data has {len(data)} bytes but shape {list(shape)} of "
+        raise TensorError(field, f"data has {len(data)} bytes but shape {_shape_text(shape)} of "
                           f"{dtype.name} needs {count * dtype.itemsize}")
     return np.frombuffer(data, dtype=dtype).reshape(shape)

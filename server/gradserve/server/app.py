@@ -15,10 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import trainer_pb2 as pb
-from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.status import mark_retry_safe
 
 from .batching import BatchingConfig, PredictBatcher
+from .handlers import StreamBudget, parsing_handler
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -41,7 +41,9 @@ class ServerConfig:
     store: str = "./gradserve.db"
     durability: Durability = field(default_factory=Durability)
     sqlite_sync: str = ""  # "": FULL for step durability, NORMAL for interval
-    workers: int = 8
+    workers: int = 8  # threads for unary calls
+    max_streams: int = 8  # streaming calls at once, on threads of their own
+    stream_idle_s: float = 300.0  # a client stream that moves nothing for this long is cancelled (0: never)
     limits: Limits = field(default_factory=Limits)
     default_device: str = "cpu"
     grace_s: float = 10.0
@@ -119,6 +121,7 @@ class GradServer:
         self._server: grpc.Server | None = None
         self.metrics = Metrics()
         self._metrics_http = None
+        self.streams = StreamBudget(config.max_streams, config.stream_idle_s)
 
     def _inference_protocol(self):
         """The V2 protocol's generated service module, with ``self.inference``
@@ -165,11 +168,16 @@ class GradServer:
         interceptors = [MetricsInterceptor(self.metrics)]
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token))
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
-                                   options=options, interceptors=interceptors)
-        pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
+        # unary calls keep `workers` threads however many streams are open
+        pool = futures.ThreadPoolExecutor(max_workers=cfg.workers + cfg.max_streams, thread_name_prefix="rpc")
+        self._server = grpc.server(pool, options=options, interceptors=interceptors)
+        # requests arrive as bytes and are parsed in handlers.py (INVALID_ARGUMENT when they do not parse)
+        self._server.add_generic_rpc_handlers((parsing_handler(pb.DESCRIPTOR.services_by_name["Trainer"],
+                                                               self.servicer, self.streams),))
         if inference_pb_grpc is not None:
-            inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
+            from gradserve.inference import grpc_service_pb2 as inference_pb
+            self._server.add_generic_rpc_handlers((parsing_handler(
+                inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self.inference, self.streams),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         services = (SERVICE_NAME, INFERENCE_SERVICE_NAME) if inference_pb_grpc is not None else (SERVICE_NAME,)
         reflection.enable_server_reflection(
@@ -195,8 +203,9 @@ class GradServer:
             self._metrics_http = serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
             log.info("event=metrics url=http://%s:%d/metrics", cfg.host, self._metrics_http.server_port)
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
-                 "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
-                 sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
+                 "mtls=%s auth=%s max_streams=%d stream_idle_s=%g health=NOT_SERVING", cfg.host, self.port, cfg.store,
+                 cfg.durability.mode, sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token),
+                 cfg.max_streams, cfg.stream_idle_s)
         b = cfg.batching
         log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "
                  "max_batch_size=%d", b.enabled, b.max_queue_delay_us,
@@ -218,7 +227,11 @@ class GradServer:
         log.info("event=shutting_down grace_s=%.1f", self.config.grace_s)
         self.health.enter_graceful_shutdown()
         if self._server is not None:
-            self._server.stop(self.config.grace_s).wait()
+            # stop() cancels what still runs after the grace period; the wait is
+            # bounded too, so a stuck call can never keep the final checkpoint from happening
+            if not self._server.stop(self.config.grace_s).wait(self.config.grace_s + 5.0):
+                log.warning("event=shutdown_wait_expired grace_s=%.1f (checkpointing anyway)", self.config.grace_s)
+        self.streams.close()
         if self.servicer is not None:
             self.servicer.ready.clear()
         if self._metrics_http is not None:

@@ -28,7 +28,10 @@ SERVE_FLAGS = [
     ("checkpoint-replay-seconds", float, 0.25, "step durability: snapshot a model once its steps since the last "
                                                "snapshot took this long to compute (bounds its replay at restart)"),
     ("log-segment-mb", float, 64.0, "step durability: size of one mutation-log segment file"),
-    ("workers", int, 8, "gRPC worker threads"),
+    ("workers", int, 8, "gRPC worker threads for unary calls (streams have threads of their own)"),
+    ("max-streams", int, 8, "streaming calls (TrainStream) open at once; more are refused with RESOURCE_EXHAUSTED"),
+    ("stream-idle-s", float, 300.0, "cancel a TrainStream that sends and receives nothing for this long "
+                                    "(0: never)"),
     ("max-message-mb", float, Limits.max_message_mb, "largest request or reply, MiB"),
     ("max-models", int, Limits.max_models, "models per server"),
     ("max-params", int, Limits.max_params, "parameters per model"),
@@ -96,7 +99,7 @@ def config_from_args(args):
         host=args.host, port=args.port, store=args.store,
         durability=durability,
         sqlite_sync=args.sqlite_sync,
-        workers=args.workers,
+        workers=args.workers, max_streams=args.max_streams, stream_idle_s=args.stream_idle_s,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers),
         default_device=args.default_device, grace_s=args.grace_s,

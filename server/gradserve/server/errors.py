@@ -19,6 +19,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
+import threading
+import time
 
 import grpc
 
@@ -32,6 +35,36 @@ from .limits import LimitExceeded
 from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown, StepConflict
 
 log = logging.getLogger("gradserve.servicer")
+
+# A model id (CreateModel's model_id, every other RPC's model_id, the V2
+# protocol's model_name): checked with fullmatch, so no trailing newline
+# slips through as ``$`` would let it.
+MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ID_FIELDS = ("model_id", "model_name")
+OPTIONAL_ID_METHODS = {"CreateModel"}  # an empty id there means "the server picks one"
+MAX_SHOWN = 64  # characters of a caller's value echoed in an error message
+MAX_DETAILS = 1024  # characters of status details (they travel in a header, whose size is limited)
+
+
+def shown(value, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long it was:
+    error messages echo what the caller sent without echoing all of it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if hasattr(value, "__len__") else len(text)
+    return f"{text[:limit]}... ({size} long)"
+
+
+def check_model_id(value: str, field: str = "model_id", required: bool = True) -> None:
+    """Refuses an id that is not 1-128 characters from A-Z a-z 0-9 . _ - (an
+    empty one only when ``required``)."""
+    if not value:
+        if required:
+            raise BadRequest(field, "is required")
+        return
+    if not MODEL_ID.fullmatch(value):
+        raise BadRequest(field, f"{shown(value)}: use 1-128 characters from A-Z a-z 0-9 . _ -")
 
 
 class BadRequest(Exception):
@@ -74,7 +107,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
     """(status code, details, retry-safe) for an exception an RPC raised."""
     for types, code, retry_safe in STATUS:
         if isinstance(exc, types):
-            return code, str(exc), retry_safe
+            details = str(exc)
+            if len(details) > MAX_DETAILS:
+                details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"
+            return code, details, retry_safe
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged its traceback", False
 
 

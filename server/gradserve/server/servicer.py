@@ -16,8 +16,8 @@ from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from .batching import BatchingConfig, PredictBatcher
-from .errors import BadRequest, NotServing, rpc, status_for
-from .registry import MODEL_ID, ModelNotFound, ModelRegistry, StepConflict
+from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_for
+from .registry import ModelNotFound, ModelRegistry, StepConflict
 
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
@@ -55,7 +55,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         reply once ``commit.wait()`` returns (the step is durable)."""
         self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         expected = request.expected_step if request.HasField("expected_step") else None
         try:
             r, commit = self.registry.train_step(handle, X, y, expected)
@@ -75,8 +75,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self._admit(request)
         if not request.HasField("spec"):
             raise BadRequest("spec", "is required")
-        if request.model_id and not MODEL_ID.match(request.model_id):
-            raise BadRequest("model_id", f"{request.model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
+        check_model_id(request.model_id, required=False)
         handle, _ = self.registry.create(spec_from_message(request.spec), request.model_id)
         return self._info(handle)
 
@@ -135,7 +134,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self._ready()
         handle = self.registry.get(request.model_id)
         try:
-            X = decode_tensor(request.inputs, "inputs")
+            X = decode_tensor(request.inputs, "inputs", (2,))
             # the tensor's bytes stand for the message: ByteSize() would serialize it all again
             self.registry.limits.check_message(X.nbytes + len(request.model_id) + 64)
             decoded = time.perf_counter()
@@ -158,7 +157,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def GetGradients(self, request, context):
         self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         loss, grads, step = self.registry.gradients(handle, X, y)
         resp = pb.GetGradientsResponse(loss=loss, step=step)
         for name, g in grads.items():
@@ -203,7 +202,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         weights = {}
         for t in request.weights:
             if t.name in weights:
-                raise BadRequest("weights", f"{t.name!r} given twice")
+                raise BadRequest("weights", f"{shown(t.name)} given twice")
             weights[t.name] = decode_tensor(t.tensor, t.name)
         self.registry.set_weights(handle, weights)
         return self._info(handle)

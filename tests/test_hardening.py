@@ -1,0 +1,270 @@
+"""Hostile callers against a real server: malformed tensors and ids get
+INVALID_ARGUMENT naming the field (never INTERNAL), unparseable bytes get
+INVALID_ARGUMENT naming the method (and do not break shutdown), idle
+streams cannot starve unary calls or health, and the client's create and
+delete are safe to retry."""
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gradserve.client import Client
+from gradserve.inference import grpc_service_pb2 as inference_pb
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.tensor import encode_tensor
+from service_fixtures import ServerProcess, client, server  # noqa: F401  (fixtures)
+
+SPEC = dict(input_size=4, hidden=[{"units": 8, "activation": "relu"}], output={"units": 3, "kind": "softmax"},
+            optimizer={"name": "sgd", "lr": 0.1}, seed=3)
+UNPARSEABLE = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # field 1, a length varint over 10 bytes
+
+
+def code_and_details(call, *args, **kwargs):
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+@pytest.fixture
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.TrainerStub(channel)
+
+
+@pytest.fixture
+def model(client):
+    return client.create_model(**SPEC)
+
+
+def tensor(shape, dtype=np.float32, data=None):
+    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32 if dtype == np.float32 else pb.DATA_TYPE_INT64)
+    t.shape[:] = shape
+    t.data = data if data is not None else b""
+    return t
+
+
+BAD_INPUTS = {
+    "0-d": tensor([], data=b"\0" * 4),
+    "1-D": tensor([4], data=b"\0" * 16),
+    "huge empty axis": tensor([2**40, 0]),
+    "65 axes": tensor([1] * 65, data=b"\0" * 4),
+    "huge zero-size": tensor([2**62, 2**62, 0]),
+    "missing": None,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_malformed_inputs_are_invalid_argument_naming_inputs(stub, model, case):
+    y = encode_tensor(np.zeros(1, np.int64))
+    calls = {
+        "TrainStep": lambda req: stub.TrainStep(req, timeout=10),
+        "TrainStream": lambda req: list(stub.TrainStream(iter([req]), timeout=10)),
+        "GetGradients": lambda req: stub.GetGradients(pb.GetGradientsRequest(
+            model_id=req.model_id, inputs=req.inputs, targets=req.targets), timeout=10),
+        "Predict": lambda req: stub.Predict(pb.PredictRequest(model_id=req.model_id, inputs=req.inputs), timeout=10),
+    }
+    for method, call in calls.items():
+        req = pb.TrainStepRequest(model_id=model.model_id, targets=y)
+        if BAD_INPUTS[case] is not None:
+            req.inputs.CopyFrom(BAD_INPUTS[case])
+        code, details = code_and_details(call, req)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, details)
+        assert details.startswith("inputs:"), (method, details)
+    assert model.refresh().step == 0
+
+
+def test_missing_targets_are_named(stub, model):
+    req = pb.TrainStepRequest(model_id=model.model_id, inputs=encode_tensor(np.zeros((1, 4), np.float32)))
+    code, details = code_and_details(stub.TrainStep, req, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("targets: is required"), details
+
+
+@pytest.mark.parametrize("init, field", [
+    ({"name": "uniform", "a": -1e308, "b": 1e308}, "weight_init.b"),
+    ({"name": "xavier_uniform", "gain": 1e308}, "weight_init.gain"),
+    ({"name": "xavier_normal", "gain": -1e308}, "weight_init.gain"),
+])
+def test_overflowing_initializer_bounds_are_refused_naming_the_field(client, init, field):
+    with pytest.raises(grpc.RpcError) as info:
+        client.create_model(**SPEC, weight_init=init)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert field in info.value.details()
+
+
+@pytest.mark.parametrize("bad_id", ["abc\n", "a b", "x" * 129, "é", "x" * 16384])
+def test_ids_are_fully_validated_on_every_rpc_and_not_echoed_whole(stub, bad_id):
+    requests = {
+        "CreateModel": pb.CreateModelRequest(model_id=bad_id, spec=pb.ModelSpec(input_size=2)),
+        "GetModel": pb.GetModelRequest(model_id=bad_id),
+        "DeleteModel": pb.DeleteModelRequest(model_id=bad_id),
+        "GetWeights": pb.GetWeightsRequest(model_id=bad_id),
+        "SaveModel": pb.SaveModelRequest(model_id=bad_id),
+        "Predict": pb.PredictRequest(model_id=bad_id),
+    }
+    for method, req in requests.items():
+        code, details = code_and_details(getattr(stub, method), req, timeout=10)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, details)
+        assert details.startswith("model_id:") and len(details) < 300, (method, details[:300])
+
+
+def test_an_empty_id_is_required_except_on_create(stub):
+    code, details = code_and_details(stub.GetModel, pb.GetModelRequest(), timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "model_id: is required"
+
+
+# V2 methods gradserve does not serve (no streaming inference, no repository or shared-memory control)
+UNIMPLEMENTED_V2 = {"ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+                    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+                    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+                    "TraceSetting", "LogSettings"}
+
+
+def test_unparseable_bytes_are_invalid_argument_naming_the_method_on_every_rpc(server):
+    trainer = pb.DESCRIPTOR.services_by_name["Trainer"]
+    inference = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    with grpc.insecure_channel(server.target) as channel:
+        for service in (trainer, inference):
+            for method in service.methods:
+                path = f"/{service.full_name}/{method.name}"
+                if method.client_streaming:
+                    call = channel.stream_stream(path)
+                    code, details = code_and_details(lambda: list(call(iter([UNPARSEABLE]), timeout=10)))
+                elif method.server_streaming:
+                    call = channel.unary_stream(path)
+                    code, details = code_and_details(lambda: list(call(UNPARSEABLE, timeout=10)))
+                else:
+                    code, details = code_and_details(channel.unary_unary(path), UNPARSEABLE, timeout=10)
+                if service is inference and method.name in UNIMPLEMENTED_V2:
+                    assert code == grpc.StatusCode.UNIMPLEMENTED, (path, code, details)
+                    continue
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, code, details)
+                assert method.name in details and method.input_type.full_name in details, details
+        # the server still serves
+        assert pb_grpc.TrainerStub(channel).ListModels(pb.ListModelsRequest(), timeout=10) is not None
+
+
+def test_sigterm_after_an_unparseable_stream_exits_in_grace_and_checkpoints(tmp_path):
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "interval", "--checkpoint-steps", "100000",
+                         "--checkpoint-seconds", "100000", "--grace-s", "3")
+    try:
+        with Client(proc.target, timeout=30) as c:
+            m = c.create_model(**SPEC, model_id="kept")
+            X, y = np.ones((5, 4), np.float32), np.zeros(5, np.int64)
+            for _ in range(3):
+                m.train_step(X, y)
+        with grpc.insecure_channel(proc.target) as channel:
+            stream = channel.stream_stream(f"/{pb.DESCRIPTOR.services_by_name['Trainer'].full_name}/TrainStream")
+            code, _ = code_and_details(lambda: list(stream(iter([UNPARSEABLE]), timeout=10)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+        start = time.monotonic()
+        assert proc.stop(timeout=30) == 0
+        assert time.monotonic() - start < 3 + 5, "shutdown took longer than the grace period"
+        assert "event=checkpointed" in proc.log()
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    again = ServerProcess(tmp_path / "s.db")
+    try:
+        with Client(again.target, timeout=30) as c:
+            assert c.get_model("kept").step == 3  # acknowledged steps survived (interval durability)
+    finally:
+        again.stop()
+
+
+def test_idle_streams_do_not_starve_unary_calls_or_health(tmp_path):
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "none", "--workers", "2", "--max-streams", "2")
+    stop = threading.Event()
+
+    def idle_requests():
+        stop.wait()
+        return
+        yield  # a generator that sends nothing until the test ends
+
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.TrainerStub(channel)
+            streams = [stub.TrainStream(idle_requests(), timeout=60) for _ in range(2)]
+            time.sleep(1.0)  # both streams are open on the server
+            start = time.monotonic()
+            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - start < 2.0
+            # a stream over the budget is refused, naming the flag
+            code, details = code_and_details(lambda: list(stub.TrainStream(idle_requests(), timeout=10)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in details, details
+            stop.set()
+            for s in streams:
+                assert list(s) == []
+    finally:
+        stop.set()
+        proc.stop()
+
+
+def test_an_idle_stream_is_cancelled_after_stream_idle_s(tmp_path):
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "none", "--stream-idle-s", "1")
+    stop = threading.Event()
+
+    def idle_requests():
+        stop.wait(30)
+        return
+        yield
+
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            start = time.monotonic()
+            stream = pb_grpc.TrainerStub(channel).TrainStream(idle_requests(), timeout=30)
+            code, _ = code_and_details(lambda: list(stream))
+            assert code == grpc.StatusCode.CANCELLED
+            assert time.monotonic() - start < 10
+            assert "event=stream_idle_cancelled" in proc.log()
+    finally:
+        stop.set()
+        proc.stop()
+
+
+class LostReply(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection lost after the server received the call"
+
+
+def lose_first_reply(client, method):
+    """The first ``method`` call reaches the server but its reply is lost."""
+    real = getattr(client._stub, method)
+    calls = []
+
+    def flaky(request, **kwargs):
+        calls.append(request)
+        reply = real(request, **kwargs)
+        if len(calls) == 1:
+            raise LostReply()
+        return reply
+    setattr(client._stub, method, flaky)
+    return calls
+
+
+def test_a_retried_create_without_an_id_makes_one_model(server):
+    with Client(server.target, timeout=30, backoff=0.01) as c:
+        before = {m.model_id for m in c.list_models()}
+        calls = lose_first_reply(c, "CreateModel")
+        m = c.create_model(**SPEC)
+        assert len(calls) == 2 and calls[0].model_id == calls[1].model_id == m.model_id
+        assert {x.model_id for x in c.list_models()} - before == {m.model_id}
+
+
+def test_a_retried_delete_that_already_happened_succeeds(server):
+    with Client(server.target, timeout=30, backoff=0.01) as c:
+        m = c.create_model(**SPEC)
+        calls = lose_first_reply(c, "DeleteModel")
+        c.delete_model(m.model_id)
+        assert len(calls) == 2
+        with pytest.raises(grpc.RpcError) as info:
+            c.delete_model(m.model_id)  # a first attempt's NOT_FOUND is still an error
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
