@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from gradserve.client import Client
-from gradserve.inference import grpc_service_pb2 as inference_pb
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.tensor import encode_tensor
@@ -116,33 +116,37 @@ def test_an_empty_id_is_required_except_on_create(stub):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details == "model_id: is required"
 
 
-# V2 methods gradserve does not serve (no streaming inference, no repository or shared-memory control)
-UNIMPLEMENTED_V2 = {"ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-                    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
-                    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
-                    "TraceSetting", "LogSettings"}
+# The V2 methods gradserve serves (all unary; each takes inference.<Method>Request). The
+# generated module is not imported here: tritonclient, which other test modules load
+# into this process, registers the same proto names.
+V2_METHODS = ("ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelConfig",
+              "ModelStatistics", "ModelInfer")
 
 
 def test_unparseable_bytes_are_invalid_argument_naming_the_method_on_every_rpc(server):
-    trainer = pb.DESCRIPTOR.services_by_name["Trainer"]
-    inference = inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = []  # (path, client streaming, server streaming, request type)
+    for desc in (pb.DESCRIPTOR.services_by_name["Trainer"], health_pb2.DESCRIPTOR.services_by_name["Health"],
+                 reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]):
+        methods += [(f"/{desc.full_name}/{m.name}", m.client_streaming, m.server_streaming, m.input_type.full_name)
+                    for m in desc.methods]
+    methods += [(f"/inference.GRPCInferenceService/{name}", False, False, f"inference.{name}Request")
+                for name in V2_METHODS]
     with grpc.insecure_channel(server.target) as channel:
-        for service in (trainer, inference):
-            for method in service.methods:
-                path = f"/{service.full_name}/{method.name}"
-                if method.client_streaming:
-                    call = channel.stream_stream(path)
-                    code, details = code_and_details(lambda: list(call(iter([UNPARSEABLE]), timeout=10)))
-                elif method.server_streaming:
-                    call = channel.unary_stream(path)
-                    code, details = code_and_details(lambda: list(call(UNPARSEABLE, timeout=10)))
-                else:
-                    code, details = code_and_details(channel.unary_unary(path), UNPARSEABLE, timeout=10)
-                if service is inference and method.name in UNIMPLEMENTED_V2:
-                    assert code == grpc.StatusCode.UNIMPLEMENTED, (path, code, details)
-                    continue
-                assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, code, details)
-                assert method.name in details and method.input_type.full_name in details, details
+        for path, client_streaming, server_streaming, request_type in methods:
+            if client_streaming:
+                call = channel.stream_stream(path)
+                code, details = code_and_details(lambda: list(call(iter([UNPARSEABLE]), timeout=10)))
+            elif server_streaming:
+                call = channel.unary_stream(path)
+                code, details = code_and_details(lambda: list(call(UNPARSEABLE, timeout=10)))
+            else:
+                code, details = code_and_details(channel.unary_unary(path), UNPARSEABLE, timeout=10)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (path, code, details)
+            assert path.rsplit("/", 1)[1] in details and request_type in details, details
+        # a V2 method gradserve does not serve stays UNIMPLEMENTED
+        code, _ = code_and_details(lambda: list(channel.stream_stream("/inference.GRPCInferenceService/"
+                                                                      "ModelStreamInfer")(iter([b""]), timeout=10)))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
         # the server still serves
         assert pb_grpc.TrainerStub(channel).ListModels(pb.ListModelsRequest(), timeout=10) is not None
 

@@ -11,8 +11,8 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.status import mark_retry_safe
@@ -178,11 +178,14 @@ class GradServer:
             from gradserve.inference import grpc_service_pb2 as inference_pb
             self._server.add_generic_rpc_handlers((parsing_handler(
                 inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self.inference, self.streams),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        # health and reflection too: their Watch and ServerReflectionInfo streams count as streams
+        self._server.add_generic_rpc_handlers((parsing_handler(health_pb2.DESCRIPTOR.services_by_name["Health"],
+                                                               self.health, self.streams),))
         services = (SERVICE_NAME, INFERENCE_SERVICE_NAME) if inference_pb_grpc is not None else (SERVICE_NAME,)
-        reflection.enable_server_reflection(
-            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+        reflector = reflection.ReflectionServicer(
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME))
+        self._server.add_generic_rpc_handlers((parsing_handler(
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], reflector, self.streams),))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:

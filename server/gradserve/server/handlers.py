@@ -155,6 +155,8 @@ def _handler(servicer, method_desc, request_class, response_class, budget: Strea
             activity = enter(context)
             try:
                 return behaviour(parsed_stream(raw_iterator, activity), context)
+            except BadRequest as exc:  # a servicer without the rpc decorator (reflection) let it through
+                abort_with(context, exc, name)
             finally:
                 leave(activity)
         return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
@@ -166,6 +168,8 @@ def _handler(servicer, method_desc, request_class, response_class, budget: Strea
                 if activity is not None:
                     activity[0] = time.monotonic()
                 yield response
+        except BadRequest as exc:  # a servicer without the rpc decorator (reflection) let it through
+            abort_with(context, exc, name)
         finally:
             leave(activity)
     return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serialize)
