@@ -272,3 +272,39 @@ def test_a_retried_delete_that_already_happened_succeeds(server):
         with pytest.raises(grpc.RpcError) as info:
             c.delete_model(m.model_id)  # a first attempt's NOT_FOUND is still an error
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_spec_whose_activations_would_not_fit_is_refused_naming_max_memory_mb(client):
+    # 900,001 parameters (under the shared server's --max-params 1000000), but
+    # 300,001 activations per row x --max-batch-rows 20000 rows of workspace
+    with pytest.raises(grpc.RpcError) as info:
+        client.create_model(input_size=1, hidden=[{"units": 300_000}], output={"units": 1, "kind": "identity"})
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-memory-mb" in info.value.details()
+
+
+def test_the_memory_budget_counts_every_model_and_frees_on_delete(tmp_path):
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "none", "--max-memory-mb", "64",
+                         "--max-batch-rows", "1000")
+    spec = dict(input_size=100, hidden=[{"units": 1000}], output={"units": 10, "kind": "identity"})
+    try:
+        with Client(proc.target, timeout=30) as c:
+            first, _ = c.create_model(**spec), c.create_model(**spec)  # about 29 MiB each at worst
+            with pytest.raises(grpc.RpcError) as info:
+                c.create_model(**spec)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-memory-mb" in info.value.details() and "max_memory_mb=64" in info.value.details()
+            assert c.create_model(**spec, model_id=first.model_id).model_id == first.model_id  # idempotent: no check
+            first.delete()
+            c.create_model(**spec)
+            assert len(c.list_models()) == 2
+    finally:
+        proc.stop()
+
+
+def test_predict_is_refused_before_computing_a_reply_over_the_message_limit(client):
+    model = client.create_model(input_size=1, output={"units": 1000, "kind": "identity"})
+    X = np.zeros((20000, 1), np.float32)  # 80 KB in, 80 MB out: over the shared server's 8 MiB
+    req = pb.PredictRequest(model_id=model.model_id, inputs=encode_tensor(X))
+    code, details = code_and_details(client._stub.Predict, req, timeout=30)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the reply would have bytes: 80000064" in details, details

@@ -3,12 +3,14 @@ the gRPC status each one gets, and ``rpc``, the decorator every RPC method
 goes through so that the mapping happens in one place.
 
 Only the exception types in ``STATUS`` are refusals; anything else (a bare
-ValueError, TypeError, KeyError, MemoryError...) is a server bug or an
-operator problem: INTERNAL, with its traceback in the log. A bad request is
+ValueError, TypeError, KeyError...) is a server bug: INTERNAL, with its
+traceback in the log. A bad request is
 a ``BadRequest`` (or nnkernels' ``SpecError``/``InputError``, or the wire's
-``TensorError``), never a bare ValueError. MemoryError stays INTERNAL: the
-limits bound what a caller may ask for, so running out of memory within
-them means the limits are set too high for the machine.
+``TensorError``), never a bare ValueError. A MemoryError: the limits
+(--max-memory-mb among them) bound what a caller may ask for, so running
+out of memory within them means they are set too high for the machine:
+RESOURCE_EXHAUSTED
+(not INTERNAL, which would blame the server's code), logged with its traceback.
 
 A refusal marked retry-safe in ``STATUS`` also carries the wire's
 ``gradserve-retry-safe`` trailer (``gradserve.wire.status``): such errors
@@ -90,6 +92,9 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+    # within the limits yet out of memory: --max-memory-mb is set above what the machine has
+    # (logged with its traceback; not retry-safe: the call may have got part-way)
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
     ((ModelNotFound, VersionNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
@@ -110,6 +115,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
             details = str(exc)
             if len(details) > MAX_DETAILS:
                 details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"
+            if isinstance(exc, MemoryError):
+                details = "out of memory: the server could not allocate what this call needs (lower " \
+                          "--max-memory-mb or --max-batch-rows to what the machine has)"
             return code, details, retry_safe
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged its traceback", False
 
@@ -117,7 +125,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
 def abort_with(context, exc: Exception, method: str):
     """Ends the call with ``exc``'s status (``context.abort`` raises)."""
     code, details, retry_safe = status_for(exc)
-    if code == grpc.StatusCode.INTERNAL:
+    if code == grpc.StatusCode.INTERNAL or isinstance(exc, MemoryError):
         log.error("event=rpc_error method=%s error=%s", method, type(exc).__name__, exc_info=exc)
     else:
         log.debug("event=rpc_refused method=%s code=%s details=%r", method, code.name, details)

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 
+from gradserve.nnkernels import ModelSpec
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
@@ -29,6 +30,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         # Predict's path (validation, dynamic batching), shared with the V2 protocol
         self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
+        self._create_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------
     def _ready(self) -> None:
@@ -40,6 +42,21 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         request over the message limit."""
         self._ready()
         self.registry.limits.check_message(request.ByteSize())
+
+    def _check_memory(self, spec_dict: dict, model_id: str) -> None:
+        """Refuses a new model whose worst-case memory would take all models
+        over --max-memory-mb (an existing id is the idempotent create: no check)."""
+        if model_id:
+            try:
+                self.registry.get(model_id)
+                return
+            except ModelNotFound:
+                pass
+        spec = ModelSpec.from_dict({"device": self.registry.default_device, **spec_dict})
+        limits = self.registry.limits
+        limits.check_spec(spec)
+        limits.check_memory(spec, sum(limits.model_bytes(h.spec) for h in self.registry.handles()
+                                      if h.spec is not None))
 
     def _info(self, handle, listing: bool = False) -> pb.ModelInfo:
         d = self.registry.describe(handle, listing)
@@ -76,7 +93,10 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         if not request.HasField("spec"):
             raise BadRequest("spec", "is required")
         check_model_id(request.model_id, required=False)
-        handle, _ = self.registry.create(spec_from_message(request.spec), request.model_id)
+        spec_dict = spec_from_message(request.spec)
+        with self._create_lock:  # the memory check and the create, one create at a time
+            self._check_memory(spec_dict, request.model_id)
+            handle, _ = self.registry.create(spec_dict, request.model_id)
         return self._info(handle)
 
     @rpc
@@ -137,10 +157,13 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             X = decode_tensor(request.inputs, "inputs", (2,))
             # the tensor's bytes stand for the message: ByteSize() would serialize it all again
             self.registry.limits.check_message(X.nbytes + len(request.model_id) + 64)
+            if handle.spec is not None:  # the reply is sized before anything computes it
+                itemsize = 8 if handle.spec.dtype == "float64" else 4
+                self.registry.limits.check_message(len(X) * handle.spec.output.units * itemsize + 64,
+                                                   "the reply would have bytes:")
             decoded = time.perf_counter()
             call = self.predictor.predict(handle, X, request.logits, context)
             computed = time.perf_counter()
-            self.registry.limits.check_message(call.outputs.nbytes + 64, "the reply would have bytes:")
             reply = pb.PredictResponse(outputs=encode_tensor(call.outputs, "outputs"))
         except Exception as exc:
             if self.metrics is not None:  # unknown ids make no series: they failed above
