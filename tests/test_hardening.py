@@ -308,3 +308,35 @@ def test_predict_is_refused_before_computing_a_reply_over_the_message_limit(clie
     req = pb.PredictRequest(model_id=model.model_id, inputs=encode_tensor(X))
     code, details = code_and_details(client._stub.Predict, req, timeout=30)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the reply would have bytes: 80000064" in details, details
+
+
+def test_the_token_can_come_from_a_file_and_stays_out_of_the_process_list(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "none", "--auth-token-file", str(token_file))
+    try:
+        assert b"s3cret-token" not in open(f"/proc/{proc.proc.pid}/cmdline", "rb").read()
+        with Client(proc.target, timeout=10, token="s3cret-token") as c:
+            assert c.list_models() == []
+        with Client(proc.target, timeout=10, token="wrong") as c:
+            with pytest.raises(grpc.RpcError) as info:
+                c.list_models()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "event=auth_token_in_argv" not in proc.log()
+    finally:
+        proc.stop()
+    proc = ServerProcess(tmp_path / "t.db", "--durability", "none", "--auth-token", "in-argv")
+    try:
+        assert "event=auth_token_in_argv" in proc.log()
+    finally:
+        proc.stop()
+
+
+def test_the_client_warns_before_sending_a_token_in_plaintext_off_the_machine():
+    with pytest.warns(UserWarning, match="plaintext to 10.1.2.3:50051"):
+        Client("10.1.2.3:50051", token="t").close()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Client("127.0.0.1:50051", token="t").close()
+        Client("[::1]:50051", token="t").close()

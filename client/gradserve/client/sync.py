@@ -7,6 +7,7 @@ import random
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.address import is_loopback
 from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor
 
@@ -91,6 +93,9 @@ class _Connection:
         options = channel_options(max_message_mb)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
+        if token and credentials is None and not is_loopback(target):
+            warnings.warn(f"gradserve: the bearer token travels in plaintext to {target}; use TLS (tls_ca=...) "
+                          "off this machine", stacklevel=3)
         self._channel = (self._grpc.secure_channel(target, credentials, options) if credentials
                          else self._grpc.insecure_channel(target, options))
         self._stub = pb_grpc.TrainerStub(self._channel)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.address import is_loopback
 from gradserve.wire.status import mark_retry_safe
 
 from .batching import BatchingConfig, PredictBatcher
@@ -202,6 +203,9 @@ class GradServer:
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
+        if cfg.auth_token and not cfg.tls_cert and not is_loopback(cfg.host):
+            log.warning("event=plaintext_token host=%s (bearer tokens cross the network unencrypted: serve TLS "
+                        "with --tls-cert/--tls-key)", cfg.host)
         if cfg.metrics_port >= 0:
             self._metrics_http = serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
             log.info("event=metrics url=http://%s:%d/metrics", cfg.host, self._metrics_http.server_port)

@@ -4,6 +4,7 @@ the command line wins over its variable."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -58,6 +59,8 @@ SERVE_FLAGS = [
     ("metrics-port", int, -1, "serve Prometheus metrics on http://HOST:PORT/metrics (-1: off; 0: any free port)"),
     ("auth-token", str, "", "when set, every Trainer call must carry 'authorization: Bearer <token>' "
                             "(health and reflection stay open); prefer the environment twin"),
+    ("auth-token-file", str, "", "read the bearer token from this file (first line) instead of --auth-token, "
+                                 "which any user can read in the process list"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
     ("tls-key", str, "", "PEM private key for --tls-cert"),
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
@@ -89,6 +92,21 @@ def config_from_args(args):
     from .app import ServerConfig
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         raise SystemExit("gradserve: --tls-cert and --tls-key go together; --tls-client-ca needs both")
+    token = args.auth_token
+    if args.auth_token_file:
+        if token:
+            raise SystemExit("gradserve: give --auth-token or --auth-token-file, not both")
+        try:
+            with open(args.auth_token_file) as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            raise SystemExit(f"gradserve: --auth-token-file: {exc}") from None
+        if not token:
+            raise SystemExit(f"gradserve: --auth-token-file {args.auth_token_file}: the first line is empty")
+    elif token and os.environ.get(env_name("auth-token")) != token:
+        logging.getLogger("gradserve.server").warning(
+            "event=auth_token_in_argv (every user of this machine can read it in the process list; use "
+            "--auth-token-file or the environment variable %s)", env_name("auth-token"))
     try:
         durability = Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds,
                                 args.checkpoint_log_mb, args.checkpoint_replay_seconds, args.log_segment_mb)
@@ -107,7 +125,7 @@ def config_from_args(args):
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers,
                       **({"max_memory_mb": args.max_memory_mb} if args.max_memory_mb > 0 else {})),
         default_device=args.default_device, grace_s=args.grace_s,
-        kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         batching=batching_from_args(args))
 
