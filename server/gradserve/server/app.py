@@ -93,8 +93,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             mark_retry_safe(context)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+        def deny_stream(request, context):
+            deny(request, context)
+            yield  # a generator: the handler of a server-streaming call
+
+        # by the method's cardinality: (client streaming, server streaming) -> handler
+        self._deny = {(False, False): grpc.unary_unary_rpc_method_handler(deny),
+                      (False, True): grpc.unary_stream_rpc_method_handler(deny_stream),
+                      (True, False): grpc.stream_unary_rpc_method_handler(deny),
+                      (True, True): grpc.stream_stream_rpc_method_handler(deny_stream)}
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
@@ -102,7 +109,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected.encode()):
             return continuation(details)
-        return self._deny_stream if details.method.endswith("/TrainStream") else self._deny_unary
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return self._deny[bool(handler.request_streaming), bool(handler.response_streaming)]
 
 
 class GradServer:
