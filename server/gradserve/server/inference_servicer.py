@@ -211,6 +211,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if param.WhichOneof("parameter_choice") != "bool_param":
                     raise BadRequest("parameters.logits", "must be a bool parameter")
                 logits = param.bool_param
+            if handle.spec is not None and X.ndim == 2:  # the reply is sized before anything computes it
+                itemsize = 8 if handle.spec.dtype == "float64" else 4
+                self.registry.limits.check_message(len(X) * handle.spec.output.units * itemsize + 256,
+                                                   "the reply would have bytes:")
             decoded = time.perf_counter()
             call = self.predictor.predict(handle, X, logits, context)
             if request.model_version and request.model_version != str(call.step):
