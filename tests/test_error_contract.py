@@ -4,6 +4,7 @@ a call refused before touching any model carries the wire's retry-safe
 trailer; clients retry a TrainStep only on that trailer."""
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 from concurrent import futures
@@ -16,7 +17,7 @@ from gradserve.client import AsyncClient, Client
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.specmsg import spec_to_message
 from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
-from gradserve.wire.tensor import encode_tensor
+from gradserve.wire.tensor import encode_tensor, tensor_chunks
 from gradserve.server import app
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
@@ -55,13 +56,18 @@ def calls(model_id):
         "GetWeights": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
         "SetWeights": ("set_weights", set_weights),
         "SaveModel": ("save", pb.SaveModelRequest(model_id=model_id)),
+        "GetWeightsChunks": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
+        "GetGradientsChunks": ("gradients", pb.GetGradientsRequest(model_id=model_id, inputs=encode_tensor(X),
+                                                                   targets=encode_tensor(Y))),
+        "SetWeightsChunks": ("set_weights", iter([chunk for t in set_weights.weights for chunk in tensor_chunks(
+            np.frombuffer(t.tensor.data, np.float32).reshape(t.tensor.shape), t.name, 16, model_id=model_id)])),
     }
 
 
 def invoke(servicer, method, request, ctx):
     """Runs one RPC to its end; a stream's replies are collected."""
     result = getattr(servicer, method)(request, ctx)
-    return list(result) if method == "TrainStream" else result
+    return list(result) if inspect.isgenerator(result) else result
 
 
 @pytest.fixture

@@ -340,3 +340,40 @@ def test_the_client_warns_before_sending_a_token_in_plaintext_off_the_machine():
         warnings.simplefilter("error")
         Client("127.0.0.1:50051", token="t").close()
         Client("[::1]:50051", token="t").close()
+
+
+def test_a_20m_parameter_model_moves_in_chunks(tmp_path):
+    """Over the message limit (8 MiB here; 80 MB of float32 parameters),
+    get_weights, set_weights and gradients go through the chunked RPCs."""
+    proc = ServerProcess(tmp_path / "s.db", "--durability", "none", "--max-params", "25000000",
+                         "--max-message-mb", "8", "--max-batch-rows", "16")
+    try:
+        with Client(proc.target, timeout=120, max_message_mb=8) as c:
+            m = c.create_model(input_size=2000, hidden=[{"units": 10000, "activation": "relu"}],
+                               output={"units": 10, "kind": "softmax"}, seed=5)
+            assert m.info.num_params == 20_110_010
+            with pytest.raises(grpc.RpcError) as info:  # the unary RPC cannot carry it
+                c._stub.GetWeights(pb.GetWeightsRequest(model_id=m.model_id), timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            weights = m.get_weights()
+            assert sum(w.size for w in weights.values()) == 20_110_010
+            halved = {name: w * np.float32(0.5) for name, w in weights.items()}
+            m.set_weights(halved)
+            for name, w in m.get_weights().items():
+                np.testing.assert_array_equal(w, halved[name], err_msg=name)
+            X = np.random.default_rng(0).standard_normal((4, 2000)).astype(np.float32)
+            loss, grads = m.gradients(X, np.array([0, 1, 2, 3]))
+            assert np.isfinite(loss) and {n: g.shape for n, g in grads.items()} == \
+                {n: w.shape for n, w in weights.items()}
+            # a chunk naming no parameter, or at the wrong place, is refused before anything is allocated
+            bad = pb.TensorChunk(model_id=m.model_id, name="layers.0.weight", dtype=pb.DATA_TYPE_FLOAT32,
+                                 shape=[10000, 2000], offset=4, data=b"\0" * 4)
+            code, details = code_and_details(lambda: c._stub.SetWeightsChunks(iter([bad]), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "expected the next one at byte 0" in details
+            bad = pb.TensorChunk(model_id=m.model_id, name="nope", dtype=pb.DATA_TYPE_FLOAT32, shape=[2**30])
+            code, details = code_and_details(lambda: c._stub.SetWeightsChunks(iter([bad]), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "'nope' is not one of" in details
+            for name, w in m.get_weights().items():  # refused streams changed nothing
+                np.testing.assert_array_equal(w, halved[name], err_msg=name)
+    finally:
+        proc.stop()

@@ -18,7 +18,7 @@ from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.address import is_loopback
 from gradserve.wire.status import is_retry_safe
-from gradserve.wire.tensor import decode_tensor
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 
 from . import _wire
 from ._wire import RETRYABLE, ModelInfo, StepResult
@@ -28,6 +28,7 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # retrying then would train twice on the batch. So a TrainStep is retried
 # only when the server marked the failure retry-safe (it refused the call
 # before touching any model: warming up, shutting down).
+CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk the client sends
 NOT_IDEMPOTENT = frozenset({"TrainStep"})
 
 
@@ -218,16 +219,47 @@ class RemoteModel:
 
     def gradients(self, X, y, *, timeout: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
         """(loss, {parameter name: d loss / d parameter}); the model is unchanged."""
-        resp = self.client._call("GetGradients", _wire.gradients_request(self.model_id, X, y), timeout)
+        req = _wire.gradients_request(self.model_id, X, y)
+        if self._chunked():
+            loss, arrays = self._fetch_chunks("GetGradientsChunks", req, timeout)
+            return loss, arrays
+        resp = self.client._call("GetGradients", req, timeout)
         return resp.loss, _wire.named_arrays(resp.gradients)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """{"layers.{i}.weight" (out x in), "layers.{i}.bias": array}."""
-        return _wire.named_arrays(self.client._call("GetWeights", pb.GetWeightsRequest(model_id=self.model_id)).weights)
+        req = pb.GetWeightsRequest(model_id=self.model_id)
+        if self._chunked():
+            return self._fetch_chunks("GetWeightsChunks", req, None)[1]
+        return _wire.named_arrays(self.client._call("GetWeights", req).weights)
 
     def set_weights(self, weights: dict) -> None:
         """Replaces every parameter; optimizer state and step are kept."""
+        if self._chunked():
+            client = self.client
+
+            def chunks():
+                for name, array in weights.items():
+                    yield from tensor_chunks(np.asarray(array), name, CHUNK_BYTES, model_id=self.model_id)
+            reply = client._stub.SetWeightsChunks(chunks(), timeout=client.timeout, metadata=client._metadata)
+            self.info = _wire.model_info(reply)
+            return
         self.info = _wire.model_info(self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights)))
+
+    # -- models over the message limit: tensors in chunks -------------------------------
+    def _chunked(self) -> bool:
+        """Whether the model's parameters (as float64, the widest) take over
+        half the message limit: then weights and gradients travel in chunks."""
+        return self.info.num_params * 8 > self.client.max_message_bytes // 2
+
+    def _fetch_chunks(self, method: str, request, timeout) -> tuple[float, dict[str, np.ndarray]]:
+        client = self.client
+        assembler, loss = ChunkAssembler(), 0.0
+        for chunk in getattr(client._stub, method)(request, timeout=client.timeout if timeout is None else timeout,
+                                                   metadata=client._metadata):
+            assembler.add(chunk)
+            loss = chunk.loss
+        return loss, assembler.arrays()  # writable: backed by the assembler's own buffers
 
     def save_safetensors(self, path, *, names: str = "gradserve") -> None:
         """Writes the weights to a safetensors file, named as gradserve

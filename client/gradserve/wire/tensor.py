@@ -53,6 +53,61 @@ def wire_array(array, field: str = "tensor") -> np.ndarray:
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
+def tensor_chunks(array, name: str, chunk_bytes: int, **fields):
+    """``array`` (a wire array) as TensorChunk messages of at most
+    ``chunk_bytes`` data bytes each, in order; ``fields`` (model_id, step,
+    loss) go into every chunk."""
+    a = wire_array(array, name)
+    raw = memoryview(a.reshape(-1)).cast("B")
+    code = _BY_KIND[(a.dtype.kind, a.dtype.itemsize)]
+    step = max(a.dtype.itemsize, chunk_bytes - chunk_bytes % a.dtype.itemsize)
+    for offset in range(0, max(len(raw), 1), step):
+        yield pb.TensorChunk(name=name, dtype=code, shape=a.shape, offset=offset,
+                             data=bytes(raw[offset:offset + step]), **fields)
+
+
+class ChunkAssembler:
+    """Rebuilds named tensors from TensorChunk messages (``add`` each in
+    order, then ``arrays()``). ``shapes`` (name -> shape), when given, is
+    what may arrive: anything else is refused before memory is allocated."""
+
+    def __init__(self, shapes: dict[str, tuple] | None = None):
+        self.shapes = shapes
+        self._parts: dict[str, tuple[np.dtype, tuple, bytearray]] = {}
+        self._filled: dict[str, int] = {}
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        name, shape = chunk.name, tuple(chunk.shape)
+        part = self._parts.get(name)
+        if part is None:
+            if self.shapes is not None and name not in self.shapes:
+                raise TensorError("name", f"{name[:64]!r} is not one of {', '.join(self.shapes)}")
+            dtype = WIRE_DTYPES.get(chunk.dtype)
+            if dtype is None:
+                raise TensorError(name, f"unknown dtype {chunk.dtype}")
+            if self.shapes is not None and shape != tuple(self.shapes[name]):
+                raise TensorError(name, f"shape {_shape_text(shape)}; the parameter has {list(self.shapes[name])}")
+            if len(shape) > MAX_RANK or any(d < 0 or d > MAX_DIM for d in shape):
+                raise TensorError(name, f"shape {_shape_text(shape)} is not a tensor's")
+            part = self._parts[name] = (dtype, shape, bytearray(math.prod(shape) * dtype.itemsize))
+            self._filled[name] = 0
+        dtype, first_shape, buf = part
+        if WIRE_DTYPES.get(chunk.dtype) != dtype or shape != first_shape:
+            raise TensorError(name, "dtype or shape differs from the tensor's first chunk")
+        data = chunk.data
+        if chunk.offset != self._filled[name] or chunk.offset + len(data) > len(buf):
+            raise TensorError(name, f"chunk at byte {chunk.offset} of {len(data)} bytes: expected the next one "
+                                    f"at byte {self._filled[name]} of {len(buf)}")
+        buf[chunk.offset:chunk.offset + len(data)] = data
+        self._filled[name] += len(data)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        for name, (_, _, buf) in self._parts.items():
+            if self._filled[name] != len(buf):
+                raise TensorError(name, f"the chunks gave {self._filled[name]} of its {len(buf)} bytes")
+        return {name: np.frombuffer(buf, dtype).reshape(shape) for name, (dtype, shape, buf) in self._parts.items()}
+
+
 def encode_tensor(array, field: str = "tensor", out: pb.Tensor | None = None) -> pb.Tensor:
     """An array as a Tensor message (fills ``out`` when given, e.g. a
     sub-message field of a request)."""

@@ -12,7 +12,7 @@ import time
 
 from gradserve.nnkernels import ModelSpec
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
-from gradserve.wire.tensor import decode_tensor, encode_tensor
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
@@ -20,6 +20,7 @@ from .batching import BatchingConfig, PredictBatcher
 from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_for
 from .registry import ModelNotFound, ModelRegistry, StepConflict
 
+CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk (or half --max-message-mb when smaller)
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 
@@ -234,3 +235,42 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def SaveModel(self, request, context):
         self._admit(request)
         return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id)))
+
+    # -- chunked transfer (models over the message limit) -------------------------
+    def _chunks(self, arrays: dict, **fields):
+        size = min(CHUNK_BYTES, self.registry.limits.max_message_bytes // 2)
+        for name, array in arrays.items():
+            yield from tensor_chunks(array, name, size, **fields)
+
+    @rpc
+    def GetWeightsChunks(self, request, context):
+        self._admit(request)
+        step, weights = self.registry.get_weights(self.registry.get(request.model_id))
+        yield from self._chunks(weights, step=step)
+
+    @rpc
+    def GetGradientsChunks(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
+        loss, grads, step = self.registry.gradients(handle, X, y)
+        yield from self._chunks(grads, step=step, loss=loss)
+
+    @rpc
+    def SetWeightsChunks(self, request_iterator, context):
+        self._ready()
+        handle, assembler = None, None
+        for chunk in request_iterator:
+            self.registry.limits.check_message(chunk.ByteSize())
+            if handle is None:
+                handle = self.registry.get(chunk.model_id)
+                # only the model's parameters, at their shapes: the stream cannot make the server allocate more
+                assembler = ChunkAssembler({name: tuple(shape) for name, shape in
+                                            self.registry.describe(handle)["params"]})
+            elif chunk.model_id != handle.model_id:
+                raise BadRequest("model_id", "differs between the chunks of one stream")
+            assembler.add(chunk)
+        if handle is None:
+            raise BadRequest("chunks", "the stream sent none")
+        self.registry.set_weights(handle, assembler.arrays())
+        return self._info(handle)
