@@ -3,6 +3,7 @@ INVALID_ARGUMENT naming the field (never INTERNAL), unparseable bytes get
 INVALID_ARGUMENT naming the method (and do not break shutdown), idle
 streams cannot starve unary calls or health, and the client's create and
 delete are safe to retry."""
+import asyncio
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from gradserve.client import Client
+from gradserve.client import AsyncClient, Client
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.tensor import encode_tensor
@@ -375,5 +376,17 @@ def test_a_20m_parameter_model_moves_in_chunks(tmp_path):
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "'nope' is not one of" in details
             for name, w in m.get_weights().items():  # refused streams changed nothing
                 np.testing.assert_array_equal(w, halved[name], err_msg=name)
+
+
+        async def through_asyncio():  # the asyncio client switches to chunks the same way
+            async with AsyncClient(proc.target, timeout=120, max_message_mb=8) as ac:
+                am = await ac.get_model(m.model_id)
+                await am.set_weights(weights)
+                got = await am.get_weights()
+                loss_async, _ = await am.gradients(X, np.array([0, 1, 2, 3]))
+                return got, loss_async
+        got, _ = asyncio.run(through_asyncio())
+        for name, w in got.items():
+            np.testing.assert_array_equal(w, weights[name], err_msg=name)
     finally:
         proc.stop()
