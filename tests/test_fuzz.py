@@ -132,7 +132,8 @@ def specs(draw):
 @st.composite
 def typed_requests(draw):
     method = draw(st.sampled_from(["CreateModel", "TrainStep", "TrainStream", "Predict", "GetGradients",
-                                   "GetModel", "GetWeights", "SetWeights", "SaveModel", "DeleteModel"]))
+                                   "GetModel", "GetWeights", "SetWeights", "SaveModel", "DeleteModel",
+                                   "SetWeightsChunks", "GetWeightsChunks", "GetGradientsChunks"]))
     model_id = draw(ids)
     if method == "CreateModel":
         return method, [pb.CreateModelRequest(model_id=model_id if model_id != TARGET_ID else "",
@@ -161,6 +162,21 @@ def typed_requests(draw):
         for name in draw(st.lists(st.sampled_from(["W0", "b0", "W1", "b1", "zz", ""]), max_size=5)):
             req.weights.add(name=name, tensor=draw(tensors(draw(st.sampled_from([3, 4, 8])))))
         return method, [req]
+    if method == "SetWeightsChunks":
+        chunks = []
+        for _ in range(draw(st.integers(1, 4))):
+            name = draw(st.sampled_from(["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias",
+                                         "zz"]))
+            shape = draw(st.one_of(st.sampled_from([[8, 4], [8], [3, 8], [3]]), st.lists(dims, max_size=3)))
+            chunks.append(pb.TensorChunk(model_id=model_id, name=name, dtype=draw(st.sampled_from([0, 1, 2, 99])),
+                                         shape=shape, offset=draw(st.one_of(st.integers(-4, 140), counts)),
+                                         data=draw(st.binary(max_size=140))))
+        return method, chunks
+    if method in ("GetWeightsChunks", "GetGradientsChunks"):
+        if method == "GetWeightsChunks":
+            return method, [pb.GetWeightsRequest(model_id=model_id)]
+        inputs, targets = draw(st.one_of(valid_batches(), st.tuples(tensors(4), labels())))
+        return method, [pb.GetGradientsRequest(model_id=model_id, inputs=inputs, targets=targets)]
     cls = {"GetModel": pb.GetModelRequest, "GetWeights": pb.GetWeightsRequest, "SaveModel": pb.SaveModelRequest}
     return method, [cls[method](model_id=model_id)]
 
@@ -180,19 +196,29 @@ def target_state(client) -> tuple[int, str]:
     return m.step, digest.hexdigest()
 
 
+CARDINALITY = {f"/{TRAINER.full_name}/{m.name}": (m.client_streaming, m.server_streaming) for m in TRAINER.methods}
+
+
 def call_raw(channel, path: str, payloads: list[bytes]) -> tuple[grpc.StatusCode, int, str]:
     """(status, replies received, details) of one call; the time is checked by the caller."""
-    stream = path.endswith("/TrainStream")
+    client_streaming, server_streaming = CARDINALITY.get(path, (False, False))
+    replies = 0
     try:
-        if stream:
-            replies = 0
+        if client_streaming and server_streaming:
             for _ in channel.stream_stream(path)(iter(payloads), timeout=CALL_TIMEOUT):
                 replies += 1
-            return grpc.StatusCode.OK, replies, ""
-        channel.unary_unary(path)(payloads[0], timeout=CALL_TIMEOUT)
-        return grpc.StatusCode.OK, 1, ""
+        elif server_streaming:
+            for _ in channel.unary_stream(path)(payloads[0], timeout=CALL_TIMEOUT):
+                replies += 1
+        elif client_streaming:
+            channel.stream_unary(path)(iter(payloads), timeout=CALL_TIMEOUT)
+            replies = 1
+        else:
+            channel.unary_unary(path)(payloads[0], timeout=CALL_TIMEOUT)
+            replies = 1
+        return grpc.StatusCode.OK, replies, ""
     except grpc.RpcError as exc:
-        return exc.code(), replies if stream else 0, exc.details() or ""
+        return exc.code(), replies, exc.details() or ""
 
 
 def check_case(live, path: str, payloads: list[bytes], touches_target: bool):
@@ -206,7 +232,7 @@ def check_case(live, path: str, payloads: list[bytes], touches_target: bool):
     assert elapsed < CALL_TIMEOUT, (path, elapsed)
     if touches_target:
         step, digest = target_state(client)
-        mutates = path.endswith(("/TrainStep", "/TrainStream", "/SetWeights"))
+        mutates = path.endswith(("/TrainStep", "/TrainStream", "/SetWeights", "/SetWeightsChunks"))
         if code != grpc.StatusCode.OK:
             if not mutates or replies == 0:
                 assert (step, digest) == before, (path, code, details[:500])
