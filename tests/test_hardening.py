@@ -390,3 +390,25 @@ def test_a_20m_parameter_model_moves_in_chunks(tmp_path):
             np.testing.assert_array_equal(w, weights[name], err_msg=name)
     finally:
         proc.stop()
+
+
+def test_v2_model_names_are_validated_too(server):
+    """ModelReady's name (field 1) and ModelInfer's model_name (field 1), as
+    raw bytes: the V2 messages are not imported here (see V2_METHODS)."""
+    with grpc.insecure_channel(server.target) as channel:
+        for method in ("ModelReady", "ModelMetadata", "ModelInfer"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            for bad in (b"abc\n", b"x" * 16384):
+                code, details = code_and_details(call, b"\x0a" + encode_varint(len(bad)) + bad, timeout=10)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 300, (method, details[:300])
+        # ModelStatistics without a name: every model's statistics
+        channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")(b"", timeout=10)
+
+
+def encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)

@@ -168,7 +168,8 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
         service = DescriptorPool(db).FindServiceByName("gradserve.v1.Trainer")
         assert {m.name for m in service.methods} == {
             "CreateModel", "TrainStep", "Predict", "GetGradients", "GetModel", "ListModels", "DeleteModel",
-            "GetWeights", "SetWeights", "SaveModel", "TrainStream"}
+            "GetWeights", "SetWeights", "SaveModel", "TrainStream",
+            "GetWeightsChunks", "SetWeightsChunks", "GetGradientsChunks"}
 
 
 def test_prometheus_metrics_count_calls_steps_and_models(server, client):

@@ -19,7 +19,7 @@ from gradserve.wire.address import is_loopback
 from gradserve.wire.status import mark_retry_safe
 
 from .batching import BatchingConfig, PredictBatcher
-from .handlers import StreamBudget, parsing_handler
+from .handlers import INFERENCE_IDS, TRAINER_IDS, StreamBudget, parsing_handler
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -184,11 +184,12 @@ class GradServer:
         self._server = grpc.server(pool, options=options, interceptors=interceptors)
         # requests arrive as bytes and are parsed in handlers.py (INVALID_ARGUMENT when they do not parse)
         self._server.add_generic_rpc_handlers((parsing_handler(pb.DESCRIPTOR.services_by_name["Trainer"],
-                                                               self.servicer, self.streams),))
+                                                               self.servicer, self.streams, TRAINER_IDS),))
         if inference_pb_grpc is not None:
             from gradserve.inference import grpc_service_pb2 as inference_pb
             self._server.add_generic_rpc_handlers((parsing_handler(
-                inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self.inference, self.streams),))
+                inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self.inference, self.streams,
+                INFERENCE_IDS),))
         # health and reflection too: their Watch and ServerReflectionInfo streams count as streams
         self._server.add_generic_rpc_handlers((parsing_handler(health_pb2.DESCRIPTOR.services_by_name["Health"],
                                                                self.health, self.streams),))

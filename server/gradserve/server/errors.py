@@ -38,12 +38,10 @@ from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailabl
 
 log = logging.getLogger("gradserve.servicer")
 
-# A model id (CreateModel's model_id, every other RPC's model_id, the V2
-# protocol's model_name): checked with fullmatch, so no trailing newline
+# A model id (every Trainer RPC's model_id, the V2 protocol's model_name and
+# name): checked with fullmatch, so no trailing newline
 # slips through as ``$`` would let it.
 MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-ID_FIELDS = ("model_id", "model_name")
-OPTIONAL_ID_METHODS = {"CreateModel"}  # an empty id there means "the server picks one"
 MAX_SHOWN = 64  # characters of a caller's value echoed in an error message
 MAX_DETAILS = 1024  # characters of status details (they travel in a header, whose size is limited)
 

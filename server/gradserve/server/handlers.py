@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from .errors import ID_FIELDS, OPTIONAL_ID_METHODS, BadRequest, abort_with, check_model_id
+from .errors import BadRequest, abort_with, check_model_id
 from .limits import LimitExceeded
 
 log = logging.getLogger("gradserve.servicer")
@@ -84,9 +85,9 @@ class StreamBudget:
         self._stop.set()
 
 
-def _parser(request_class, method: str):
-    required_id = method not in OPTIONAL_ID_METHODS
-    id_fields = [f for f in ID_FIELDS if f in request_class.DESCRIPTOR.fields_by_name]
+def _parser(request_class, method: str, ids: "ModelIds"):
+    required_id = method not in ids.optional_in
+    id_fields = [f for f in ids.fields if f in request_class.DESCRIPTOR.fields_by_name]
 
     def parse(raw: bytes):
         try:
@@ -100,10 +101,10 @@ def _parser(request_class, method: str):
     return parse
 
 
-def _handler(servicer, method_desc, request_class, response_class, budget: StreamBudget | None):
+def _handler(servicer, method_desc, request_class, response_class, budget: StreamBudget | None, ids: "ModelIds"):
     name = method_desc.name
     behaviour = getattr(servicer, name)
-    parse = _parser(request_class, name)
+    parse = _parser(request_class, name, ids)
     serialize = response_class.SerializeToString
     client_streaming, server_streaming = method_desc.client_streaming, method_desc.server_streaming
 
@@ -175,7 +176,20 @@ def _handler(servicer, method_desc, request_class, response_class, budget: Strea
     return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serialize)
 
 
-def parsing_handler(service_desc, servicer, budget: StreamBudget | None = None):
+@dataclass(frozen=True)
+class ModelIds:
+    """Which top-level request fields of a service hold a model id (checked
+    on every call), and the methods where an empty one is allowed."""
+    fields: tuple[str, ...] = ()
+    optional_in: frozenset = frozenset()
+
+
+TRAINER_IDS = ModelIds(("model_id",), frozenset({"CreateModel"}))  # empty there: the server picks one
+# V2: ModelInfer's model_name, the metadata calls' name; ModelStatistics without one: every model
+INFERENCE_IDS = ModelIds(("model_name", "name"), frozenset({"ModelStatistics"}))
+
+
+def parsing_handler(service_desc, servicer, budget: StreamBudget | None = None, ids: ModelIds = ModelIds()):
     """A generic handler serving every method of ``service_desc`` (a
     protobuf ServiceDescriptor) with ``servicer``'s method of the same name."""
     handlers = {}
@@ -185,5 +199,5 @@ def parsing_handler(service_desc, servicer, budget: StreamBudget | None = None):
             continue  # the generated base's stub: left out, grpc answers UNIMPLEMENTED
         request_class = GetMessageClass(method_desc.input_type)
         response_class = GetMessageClass(method_desc.output_type)
-        handlers[method_desc.name] = _handler(servicer, method_desc, request_class, response_class, budget)
+        handlers[method_desc.name] = _handler(servicer, method_desc, request_class, response_class, budget, ids)
     return grpc.method_handlers_generic_handler(service_desc.full_name, handlers)
