@@ -4,6 +4,7 @@ a call refused before touching any model carries the wire's retry-safe
 trailer; clients retry a TrainStep only on that trailer."""
 import asyncio
 import collections
+import inspect
 import logging
 import threading
 from concurrent import futures
@@ -16,7 +17,7 @@ from gradserve.client import AsyncClient, Client
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.specmsg import spec_to_message
 from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
-from gradserve.wire.tensor import encode_tensor
+from gradserve.wire.tensor import encode_tensor, tensor_chunks
 from gradserve.server import app
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
@@ -66,13 +67,18 @@ def calls(model_id):
         "AccumulateGradients": ("accumulate_gradients", pb.AccumulateGradientsRequest(
             model_id=model_id, inputs=encode_tensor(X), targets=encode_tensor(Y))),
         "OptimizerStep": ("optimizer_step", pb.OptimizerStepRequest(model_id=model_id)),
+        "GetWeightsChunks": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
+        "GetGradientsChunks": ("gradients", pb.GetGradientsRequest(model_id=model_id, inputs=encode_tensor(X),
+                                                                   targets=encode_tensor(Y))),
+        "SetWeightsChunks": ("set_weights", iter([chunk for t in set_weights.weights for chunk in tensor_chunks(
+            np.frombuffer(t.tensor.data, np.float32).reshape(t.tensor.shape), t.name, 16, model_id=model_id)])),
     }
 
 
 def invoke(servicer, method, request, ctx):
     """Runs one RPC to its end; a stream's replies are collected."""
     result = getattr(servicer, method)(request, ctx)
-    return list(result) if method == "TrainStream" else result
+    return list(result) if inspect.isgenerator(result) else result
 
 
 @pytest.fixture
@@ -105,7 +111,7 @@ def test_every_rpc_succeeds_with_a_valid_request(servicer, model_id, method):
     assert ctx.code is None
 
 
-@pytest.mark.parametrize("error", [ValueError("bug"), TypeError("bug"), KeyError("bug"), MemoryError(),
+@pytest.mark.parametrize("error", [ValueError("bug"), TypeError("bug"), KeyError("bug"),
                                    RuntimeError("bug")], ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize("method", RPCS)
 def test_unexpected_exception_is_internal_with_a_logged_traceback(servicer, model_id, method, error,
@@ -124,6 +130,25 @@ def test_unexpected_exception_is_internal_with_a_logged_traceback(servicer, mode
     [record] = [r for r in caplog.records if r.name == "gradserve.servicer"]
     assert record.levelno == logging.ERROR and f"method={method}" in record.getMessage()
     assert record.exc_info[1] is error  # the traceback goes to the log
+
+
+@pytest.mark.parametrize("method", RPCS)
+def test_out_of_memory_is_resource_exhausted_with_a_logged_traceback(servicer, model_id, method, monkeypatch,
+                                                                     caplog):
+    target, request = calls(model_id)[method]
+    error = MemoryError()
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(servicer.registry, target, broken)
+    ctx = FakeContext()
+    with caplog.at_level(logging.ERROR, logger="gradserve.servicer"), pytest.raises(Aborted):
+        invoke(servicer, method, request, ctx)
+    assert ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-memory-mb" in ctx.details
+    assert ctx.trailing_metadata == ()  # not retry-safe: the call may have got part-way
+    [record] = [r for r in caplog.records if r.name == "gradserve.servicer"]
+    assert record.levelno == logging.ERROR and record.exc_info[1] is error
 
 
 def test_stream_ends_with_the_status_of_a_bad_request_mid_stream(servicer, model_id):

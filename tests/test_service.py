@@ -170,7 +170,8 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
             "CreateModel", "TrainStep", "Predict", "GetGradients", "GetModel", "ListModels", "DeleteModel",
             "GetWeights", "SetWeights", "SaveModel", "TrainStream",
             "SetOptimizer", "SaveCheckpoint", "ListCheckpoints", "RestoreCheckpoint",
-            "ApplyGradients", "AccumulateGradients", "OptimizerStep"}
+            "ApplyGradients", "AccumulateGradients", "OptimizerStep",
+            "GetWeightsChunks", "SetWeightsChunks", "GetGradientsChunks"}
 
 
 def test_prometheus_metrics_count_calls_steps_and_models(server, client):

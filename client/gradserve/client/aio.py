@@ -8,13 +8,13 @@ import random
 import grpc
 import numpy as np
 
-from gradserve.wire.tensor import decode_tensor
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from . import _wire
 from ._wire import ModelInfo, StepResult
-from .sync import RETRYABLE, _Connection, retryable
+from .sync import CHUNK_BYTES, RETRYABLE, _Connection, done_by_earlier_attempt, new_model_id, retryable
 
 
 class AsyncClient(_Connection):
@@ -30,6 +30,8 @@ class AsyncClient(_Connection):
                 return await rpc(request, timeout=self.timeout if timeout is None else timeout,
                                  metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
+                if done_by_earlier_attempt(method, exc, attempt):
+                    return None
                 if not retryable(method, exc) or attempt == self.retries:
                     raise
             await asyncio.sleep(delay * (1 + random.random()))
@@ -51,7 +53,7 @@ class AsyncClient(_Connection):
     async def create_model(self, input_size: int, hidden=(), output=None, *, model_id: str | None = None,
                            **spec_kwargs) -> "AsyncRemoteModel":
         spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
-        info = _wire.model_info(await self._call("CreateModel", _wire.create_request(spec, model_id)))
+        info = _wire.model_info(await self._call("CreateModel", _wire.create_request(spec, model_id or new_model_id())))
         return AsyncRemoteModel(self, info)
 
     async def get_model(self, model_id: str) -> "AsyncRemoteModel":
@@ -100,16 +102,40 @@ class AsyncRemoteModel:
         return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
 
     async def gradients(self, X, y, *, timeout: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
-        resp = await self.client._call("GetGradients", _wire.gradients_request(self.model_id, X, y), timeout)
+        req = _wire.gradients_request(self.model_id, X, y)
+        if self._chunked():
+            return await self._fetch_chunks("GetGradientsChunks", req, timeout)
+        resp = await self.client._call("GetGradients", req, timeout)
         return resp.loss, _wire.named_arrays(resp.gradients)
 
     async def get_weights(self) -> dict[str, np.ndarray]:
-        resp = await self.client._call("GetWeights", pb.GetWeightsRequest(model_id=self.model_id))
-        return _wire.named_arrays(resp.weights)
+        req = pb.GetWeightsRequest(model_id=self.model_id)
+        if self._chunked():
+            return (await self._fetch_chunks("GetWeightsChunks", req, None))[1]
+        return _wire.named_arrays((await self.client._call("GetWeights", req)).weights)
 
     async def set_weights(self, weights: dict) -> None:
-        resp = await self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights))
+        if self._chunked():
+            chunks = [c for name, array in weights.items()
+                      for c in tensor_chunks(np.asarray(array), name, CHUNK_BYTES, model_id=self.model_id)]
+            client = self.client
+            resp = await client._stub.SetWeightsChunks(iter(chunks), timeout=client.timeout, metadata=client._metadata)
+        else:
+            resp = await self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights))
         self.info = _wire.model_info(resp)
+
+    # -- models over the message limit: tensors in chunks (as RemoteModel) -------------------
+    def _chunked(self) -> bool:
+        return self.info.num_params * 8 > self.client.max_message_bytes // 2
+
+    async def _fetch_chunks(self, method: str, request, timeout) -> tuple[float, dict[str, np.ndarray]]:
+        client = self.client
+        assembler, loss = ChunkAssembler(), 0.0
+        async for chunk in getattr(client._stub, method)(request, timeout=client.timeout if timeout is None
+                                                         else timeout, metadata=client._metadata):
+            assembler.add(chunk)
+            loss = chunk.loss
+        return loss, assembler.arrays()
 
     async def save(self) -> int:
         return (await self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id))).step

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
+import warnings
 from collections import deque
 from typing import Any
 
@@ -14,8 +16,9 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.address import is_loopback
 from gradserve.wire.status import is_retry_safe
-from gradserve.wire.tensor import decode_tensor
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 
 from . import _wire
 from ._wire import RETRYABLE, ModelInfo, StepResult
@@ -26,7 +29,23 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # only when the server marked the failure retry-safe (it refused the call
 # before touching any model: warming up, shutting down). The same holds for
 # the gradient calls, which carry no expected step.
+CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk the client sends
 NOT_IDEMPOTENT = frozenset({"TrainStep", "ApplyGradients", "AccumulateGradients", "OptimizerStep"})
+
+
+# On a retry, this status means an earlier attempt (whose reply was lost) did it.
+DONE_BY_EARLIER_ATTEMPT = {"DeleteModel": grpc.StatusCode.NOT_FOUND}
+
+
+def new_model_id() -> str:
+    """An id for a model the caller did not name, picked before the first
+    CreateModel attempt so that a retried create finds the model its lost
+    first attempt made instead of making a second one."""
+    return uuid.uuid4().hex
+
+
+def done_by_earlier_attempt(method: str, exc: grpc.RpcError, attempt: int) -> bool:
+    return attempt > 0 and DONE_BY_EARLIER_ATTEMPT.get(method) == exc.code()
 
 
 def retryable(method: str, exc: grpc.RpcError) -> bool:
@@ -76,6 +95,9 @@ class _Connection:
         options = channel_options(max_message_mb)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         credentials = credentials or tls_credentials(tls_ca, tls_cert, tls_key)
+        if token and credentials is None and not is_loopback(target):
+            warnings.warn(f"gradserve: the bearer token travels in plaintext to {target}; use TLS (tls_ca=...) "
+                          "off this machine", stacklevel=3)
         self._channel = (self._grpc.secure_channel(target, credentials, options) if credentials
                          else self._grpc.insecure_channel(target, options))
         self._stub = pb_grpc.TrainerStub(self._channel)
@@ -103,6 +125,8 @@ class Client(_Connection):
             try:
                 return rpc(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
+                if done_by_earlier_attempt(method, exc, attempt):
+                    return None
                 if not retryable(method, exc) or attempt == self.retries:
                     raise
             time.sleep(delay * (1 + random.random()))
@@ -127,9 +151,10 @@ class Client(_Connection):
                      **spec_kwargs) -> "RemoteModel":
         """Creates a model (kwargs mirror ``nnkernels.ModelSpec``: loss,
         optimizer, schedule, weight_init, bias_init, regularization, dtype,
-        device, seed). With ``model_id`` the call is idempotent."""
+        device, seed). The call is idempotent: without ``model_id`` the client
+        picks one (a uuid) before the first attempt."""
         spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
-        info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id)))
+        info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id or new_model_id())))
         return RemoteModel(self, info)
 
     def get_model(self, model_id: str) -> "RemoteModel":
@@ -139,6 +164,7 @@ class Client(_Connection):
         return [_wire.model_info(m) for m in self._call("ListModels", pb.ListModelsRequest()).models]
 
     def delete_model(self, model_id: str) -> None:
+        """Deletes the model; NOT_FOUND on a retry means the first attempt did."""
         self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
 
 
@@ -194,16 +220,47 @@ class RemoteModel:
 
     def gradients(self, X, y, *, timeout: float | None = None) -> tuple[float, dict[str, np.ndarray]]:
         """(loss, {parameter name: d loss / d parameter}); the model is unchanged."""
-        resp = self.client._call("GetGradients", _wire.gradients_request(self.model_id, X, y), timeout)
+        req = _wire.gradients_request(self.model_id, X, y)
+        if self._chunked():
+            loss, arrays = self._fetch_chunks("GetGradientsChunks", req, timeout)
+            return loss, arrays
+        resp = self.client._call("GetGradients", req, timeout)
         return resp.loss, _wire.named_arrays(resp.gradients)
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """{"layers.{i}.weight" (out x in), "layers.{i}.bias": array}."""
-        return _wire.named_arrays(self.client._call("GetWeights", pb.GetWeightsRequest(model_id=self.model_id)).weights)
+        req = pb.GetWeightsRequest(model_id=self.model_id)
+        if self._chunked():
+            return self._fetch_chunks("GetWeightsChunks", req, None)[1]
+        return _wire.named_arrays(self.client._call("GetWeights", req).weights)
 
     def set_weights(self, weights: dict) -> None:
         """Replaces every parameter; optimizer state and step are kept."""
+        if self._chunked():
+            client = self.client
+
+            def chunks():
+                for name, array in weights.items():
+                    yield from tensor_chunks(np.asarray(array), name, CHUNK_BYTES, model_id=self.model_id)
+            reply = client._stub.SetWeightsChunks(chunks(), timeout=client.timeout, metadata=client._metadata)
+            self.info = _wire.model_info(reply)
+            return
         self.info = _wire.model_info(self.client._call("SetWeights", _wire.set_weights_request(self.model_id, weights)))
+
+    # -- models over the message limit: tensors in chunks -------------------------------
+    def _chunked(self) -> bool:
+        """Whether the model's parameters (as float64, the widest) take over
+        half the message limit: then weights and gradients travel in chunks."""
+        return self.info.num_params * 8 > self.client.max_message_bytes // 2
+
+    def _fetch_chunks(self, method: str, request, timeout) -> tuple[float, dict[str, np.ndarray]]:
+        client = self.client
+        assembler, loss = ChunkAssembler(), 0.0
+        for chunk in getattr(client._stub, method)(request, timeout=client.timeout if timeout is None else timeout,
+                                                   metadata=client._metadata):
+            assembler.add(chunk)
+            loss = chunk.loss
+        return loss, assembler.arrays()  # writable: backed by the assembler's own buffers
 
     def save_safetensors(self, path, *, names: str = "gradserve") -> None:
         """Writes the weights to a safetensors file, named as gradserve

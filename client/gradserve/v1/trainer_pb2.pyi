@@ -324,6 +324,26 @@ class SaveModelResponse(_message.Message):
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
+class TensorChunk(_message.Message):
+    __slots__ = ("model_id", "name", "dtype", "shape", "offset", "data", "step", "loss")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    name: str
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    step: int
+    loss: float
+    def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
 class SetOptimizerRequest(_message.Message):
     __slots__ = ("model_id", "optimizer")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

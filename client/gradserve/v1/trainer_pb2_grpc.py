@@ -126,6 +126,21 @@ class TrainerStub(object):
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.GetWeightsChunks = channel.unary_stream(
+                '/gradserve.v1.Trainer/GetWeightsChunks',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.GetWeightsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.FromString,
+                _registered_method=True)
+        self.SetWeightsChunks = channel.stream_unary(
+                '/gradserve.v1.Trainer/SetWeightsChunks',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.GetGradientsChunks = channel.unary_stream(
+                '/gradserve.v1.Trainer/GetGradientsChunks',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.GetGradientsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer(object):
@@ -259,6 +274,27 @@ class TrainerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetWeightsChunks(self, request, context):
+        """Models over the message limit: their tensors in chunks (each a byte range
+        of one tensor, in order). The client uses these when a model is too big.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetWeightsChunks(self, request_iterator, context):
+        """Every parameter, as SetWeights; each chunk names the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGradientsChunks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +387,21 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.OptimizerStep,
                     request_deserializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'GetWeightsChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetWeightsChunks,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.GetWeightsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.SerializeToString,
+            ),
+            'SetWeightsChunks': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetWeightsChunks,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetGradientsChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetGradientsChunks,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.GetGradientsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -841,6 +892,87 @@ class Trainer(object):
             '/gradserve.v1.Trainer/OptimizerStep',
             gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
             gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightsChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.Trainer/GetWeightsChunks',
+            gradserve_dot_v1_dot_trainer__pb2.GetWeightsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWeightsChunks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.Trainer/SetWeightsChunks',
+            gradserve_dot_v1_dot_trainer__pb2.TensorChunk.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGradientsChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.Trainer/GetGradientsChunks',
+            gradserve_dot_v1_dot_trainer__pb2.GetGradientsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -221,6 +221,11 @@ class InitSpec:
         _settings(self, path, INIT_FIELDS)
         if self.name == "uniform" and not self.a < self.b:
             raise SpecError(f"{path}.b", self.b, f"uniform needs a < b (a={self.a})")
+        # numpy draws U(lo, hi) as lo + (hi - lo)·u: the width must be a finite float64
+        if self.name == "uniform" and not math.isfinite(self.b - self.a):
+            raise SpecError(f"{path}.b", self.b, f"uniform's range b - a overflows float64 (a={self.a})")
+        if self.name.startswith("xavier") and not math.isfinite(2.0 * math.sqrt(6.0) * self.gain):
+            raise SpecError(f"{path}.gain", self.gain, "overflows float64 in the initializer's range")
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,15 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradserve.v1 import trainer_pb2 as pb
-from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.address import is_loopback
 from gradserve.wire.status import mark_retry_safe
 
 from .batching import BatchingConfig, PredictBatcher
+from .handlers import INFERENCE_IDS, TRAINER_IDS, StreamBudget, parsing_handler
 from .limits import Limits
 from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
@@ -41,7 +42,9 @@ class ServerConfig:
     store: str = "./gradserve.db"
     durability: Durability = field(default_factory=Durability)
     sqlite_sync: str = ""  # "": FULL for step durability, NORMAL for interval
-    workers: int = 8
+    workers: int = 8  # threads for unary calls
+    max_streams: int = 8  # streaming calls at once, on threads of their own
+    stream_idle_s: float = 300.0  # a client stream that moves nothing for this long is cancelled (0: never)
     limits: Limits = field(default_factory=Limits)
     default_device: str = "cpu"
     grace_s: float = 10.0
@@ -91,8 +94,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             mark_retry_safe(context)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or wrong bearer token")
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+        def deny_stream(request, context):
+            deny(request, context)
+            yield  # a generator: the handler of a server-streaming call
+
+        # by the method's cardinality: (client streaming, server streaming) -> handler
+        self._deny = {(False, False): grpc.unary_unary_rpc_method_handler(deny),
+                      (False, True): grpc.unary_stream_rpc_method_handler(deny_stream),
+                      (True, False): grpc.stream_unary_rpc_method_handler(deny),
+                      (True, True): grpc.stream_stream_rpc_method_handler(deny_stream)}
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
@@ -100,7 +110,10 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected.encode()):
             return continuation(details)
-        return self._deny_stream if details.method.endswith("/TrainStream") else self._deny_unary
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return self._deny[bool(handler.request_streaming), bool(handler.response_streaming)]
 
 
 class GradServer:
@@ -121,6 +134,7 @@ class GradServer:
         self.metrics = Metrics()
         self._metrics_http = None
         self.curves = None  # TrainingCurves with --tensorboard-dir
+        self.streams = StreamBudget(config.max_streams, config.stream_idle_s)
 
     def _inference_protocol(self):
         """The V2 protocol's generated service module, with ``self.inference``
@@ -171,16 +185,25 @@ class GradServer:
         interceptors = [MetricsInterceptor(self.metrics)]
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token))
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rpc"),
-                                   options=options, interceptors=interceptors)
-        pb_grpc.add_TrainerServicer_to_server(self.servicer, self._server)
+        # unary calls keep `workers` threads however many streams are open
+        pool = futures.ThreadPoolExecutor(max_workers=cfg.workers + cfg.max_streams, thread_name_prefix="rpc")
+        self._server = grpc.server(pool, options=options, interceptors=interceptors)
+        # requests arrive as bytes and are parsed in handlers.py (INVALID_ARGUMENT when they do not parse)
+        self._server.add_generic_rpc_handlers((parsing_handler(pb.DESCRIPTOR.services_by_name["Trainer"],
+                                                               self.servicer, self.streams, TRAINER_IDS),))
         if inference_pb_grpc is not None:
-            inference_pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+            from gradserve.inference import grpc_service_pb2 as inference_pb
+            self._server.add_generic_rpc_handlers((parsing_handler(
+                inference_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self.inference, self.streams,
+                INFERENCE_IDS),))
+        # health and reflection too: their Watch and ServerReflectionInfo streams count as streams
+        self._server.add_generic_rpc_handlers((parsing_handler(health_pb2.DESCRIPTOR.services_by_name["Health"],
+                                                               self.health, self.streams),))
         services = (SERVICE_NAME, INFERENCE_SERVICE_NAME) if inference_pb_grpc is not None else (SERVICE_NAME,)
-        reflection.enable_server_reflection(
-            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+        reflector = reflection.ReflectionServicer(
+            (*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME))
+        self._server.add_generic_rpc_handlers((parsing_handler(
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], reflector, self.streams),))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
@@ -197,12 +220,16 @@ class GradServer:
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
+        if cfg.auth_token and not cfg.tls_cert and not is_loopback(cfg.host):
+            log.warning("event=plaintext_token host=%s (bearer tokens cross the network unencrypted: serve TLS "
+                        "with --tls-cert/--tls-key)", cfg.host)
         if cfg.metrics_port >= 0:
             self._metrics_http = serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
             log.info("event=metrics url=http://%s:%d/metrics", cfg.host, self._metrics_http.server_port)
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
-                 "mtls=%s auth=%s health=NOT_SERVING", cfg.host, self.port, cfg.store, cfg.durability.mode,
-                 sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token))
+                 "mtls=%s auth=%s max_streams=%d stream_idle_s=%g max_memory_mb=%.0f health=NOT_SERVING", cfg.host, self.port, cfg.store,
+                 cfg.durability.mode, sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token),
+                 cfg.max_streams, cfg.stream_idle_s, cfg.limits.max_memory_mb)
         b = cfg.batching
         log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "
                  "max_batch_size=%d", b.enabled, b.max_queue_delay_us,
@@ -224,7 +251,11 @@ class GradServer:
         log.info("event=shutting_down grace_s=%.1f", self.config.grace_s)
         self.health.enter_graceful_shutdown()
         if self._server is not None:
-            self._server.stop(self.config.grace_s).wait()
+            # stop() cancels what still runs after the grace period; the wait is
+            # bounded too, so a stuck call can never keep the final checkpoint from happening
+            if not self._server.stop(self.config.grace_s).wait(self.config.grace_s + 5.0):
+                log.warning("event=shutdown_wait_expired grace_s=%.1f (checkpointing anyway)", self.config.grace_s)
+        self.streams.close()
         if self.servicer is not None:
             self.servicer.ready.clear()
         if self._metrics_http is not None:

@@ -4,6 +4,7 @@ the command line wins over its variable."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -28,12 +29,18 @@ SERVE_FLAGS = [
     ("checkpoint-replay-seconds", float, 0.25, "step durability: snapshot a model once its steps since the last "
                                                "snapshot took this long to compute (bounds its replay at restart)"),
     ("log-segment-mb", float, 64.0, "step durability: size of one mutation-log segment file"),
-    ("workers", int, 8, "gRPC worker threads"),
+    ("workers", int, 8, "gRPC worker threads for unary calls (streams have threads of their own)"),
+    ("max-streams", int, 8, "streaming calls (TrainStream) open at once; more are refused with RESOURCE_EXHAUSTED"),
+    ("stream-idle-s", float, 300.0, "cancel a TrainStream that sends and receives nothing for this long "
+                                    "(0: never)"),
     ("max-message-mb", float, Limits.max_message_mb, "largest request or reply, MiB"),
     ("max-models", int, Limits.max_models, "models per server"),
     ("max-params", int, Limits.max_params, "parameters per model"),
     ("max-batch-rows", int, Limits.max_batch_rows, "rows per batch (train, gradients, predict)"),
     ("max-layers", int, Limits.max_layers, "dense layers per model (hidden + output)"),
+    ("max-memory-mb", float, 0.0, "memory all models may need at worst (parameters, optimizer state, "
+                                  "workspaces for --max-batch-rows), MiB; a create over it is refused; "
+                                  "0: half the machine's physical memory"),
     ("default-device", str, "cpu", "device for specs that name none (cpu, cuda)"),
     ("kernel-threads", int, 0, "threads one kernel call may use (Numba and BLAS); 0: all cores. "
                                "Under many concurrent callers about cores / concurrent calls is best"),
@@ -52,6 +59,8 @@ SERVE_FLAGS = [
     ("metrics-port", int, -1, "serve Prometheus metrics on http://HOST:PORT/metrics (-1: off; 0: any free port)"),
     ("auth-token", str, "", "when set, every Trainer call must carry 'authorization: Bearer <token>' "
                             "(health and reflection stay open); prefer the environment twin"),
+    ("auth-token-file", str, "", "read the bearer token from this file (first line) instead of --auth-token, "
+                                 "which any user can read in the process list"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
     ("tls-key", str, "", "PEM private key for --tls-cert"),
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
@@ -85,6 +94,21 @@ def config_from_args(args):
     from .app import ServerConfig
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         raise SystemExit("gradserve: --tls-cert and --tls-key go together; --tls-client-ca needs both")
+    token = args.auth_token
+    if args.auth_token_file:
+        if token:
+            raise SystemExit("gradserve: give --auth-token or --auth-token-file, not both")
+        try:
+            with open(args.auth_token_file) as f:
+                token = f.readline().strip()
+        except OSError as exc:
+            raise SystemExit(f"gradserve: --auth-token-file: {exc}") from None
+        if not token:
+            raise SystemExit(f"gradserve: --auth-token-file {args.auth_token_file}: the first line is empty")
+    elif token and os.environ.get(env_name("auth-token")) != token:
+        logging.getLogger("gradserve.server").warning(
+            "event=auth_token_in_argv (every user of this machine can read it in the process list; use "
+            "--auth-token-file or the environment variable %s)", env_name("auth-token"))
     try:
         durability = Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds,
                                 args.checkpoint_log_mb, args.checkpoint_replay_seconds, args.log_segment_mb)
@@ -98,11 +122,12 @@ def config_from_args(args):
         host=args.host, port=args.port, store=args.store,
         durability=durability,
         sqlite_sync=args.sqlite_sync,
-        workers=args.workers,
+        workers=args.workers, max_streams=args.max_streams, stream_idle_s=args.stream_idle_s,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
-                      max_message_mb=args.max_message_mb, max_layers=args.max_layers),
+                      max_message_mb=args.max_message_mb, max_layers=args.max_layers,
+                      **({"max_memory_mb": args.max_memory_mb} if args.max_memory_mb > 0 else {})),
         default_device=args.default_device, grace_s=args.grace_s,
-        kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
+        kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir)
 

@@ -3,12 +3,14 @@ the gRPC status each one gets, and ``rpc``, the decorator every RPC method
 goes through so that the mapping happens in one place.
 
 Only the exception types in ``STATUS`` are refusals; anything else (a bare
-ValueError, TypeError, KeyError, MemoryError...) is a server bug or an
-operator problem: INTERNAL, with its traceback in the log. A bad request is
+ValueError, TypeError, KeyError...) is a server bug: INTERNAL, with its
+traceback in the log. A bad request is
 a ``BadRequest`` (or nnkernels' ``SpecError``/``InputError``, or the wire's
-``TensorError``), never a bare ValueError. MemoryError stays INTERNAL: the
-limits bound what a caller may ask for, so running out of memory within
-them means the limits are set too high for the machine.
+``TensorError``), never a bare ValueError. A MemoryError: the limits
+(--max-memory-mb among them) bound what a caller may ask for, so running
+out of memory within them means they are set too high for the machine:
+RESOURCE_EXHAUSTED
+(not INTERNAL, which would blame the server's code), logged with its traceback.
 
 A refusal marked retry-safe in ``STATUS`` also carries the wire's
 ``gradserve-retry-safe`` trailer (``gradserve.wire.status``): such errors
@@ -19,6 +21,9 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
+import threading
+import time
 
 import grpc
 
@@ -33,6 +38,34 @@ from .registry import (CheckpointNotFound, DurabilityOff, ModelExists, ModelNotF
                        NothingAccumulated, ShuttingDown, StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
+
+# A model id (every Trainer RPC's model_id, the V2 protocol's model_name and
+# name): checked with fullmatch, so no trailing newline
+# slips through as ``$`` would let it.
+MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_SHOWN = 64  # characters of a caller's value echoed in an error message
+MAX_DETAILS = 1024  # characters of status details (they travel in a header, whose size is limited)
+
+
+def shown(value, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long it was:
+    error messages echo what the caller sent without echoing all of it."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = len(value) if hasattr(value, "__len__") else len(text)
+    return f"{text[:limit]}... ({size} long)"
+
+
+def check_model_id(value: str, field: str = "model_id", required: bool = True) -> None:
+    """Refuses an id that is not 1-128 characters from A-Z a-z 0-9 . _ - (an
+    empty one only when ``required``)."""
+    if not value:
+        if required:
+            raise BadRequest(field, "is required")
+        return
+    if not MODEL_ID.fullmatch(value):
+        raise BadRequest(field, f"{shown(value)}: use 1-128 characters from A-Z a-z 0-9 . _ -")
 
 
 class BadRequest(Exception):
@@ -58,6 +91,9 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
+    # within the limits yet out of memory: --max-memory-mb is set above what the machine has
+    # (logged with its traceback; not retry-safe: the call may have got part-way)
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
     ((ModelNotFound, VersionNotFound, CheckpointNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
@@ -76,14 +112,20 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
     """(status code, details, retry-safe) for an exception an RPC raised."""
     for types, code, retry_safe in STATUS:
         if isinstance(exc, types):
-            return code, str(exc), retry_safe
+            details = str(exc)
+            if len(details) > MAX_DETAILS:
+                details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"
+            if isinstance(exc, MemoryError):
+                details = "out of memory: the server could not allocate what this call needs (lower " \
+                          "--max-memory-mb or --max-batch-rows to what the machine has)"
+            return code, details, retry_safe
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server logged its traceback", False
 
 
 def abort_with(context, exc: Exception, method: str):
     """Ends the call with ``exc``'s status (``context.abort`` raises)."""
     code, details, retry_safe = status_for(exc)
-    if code == grpc.StatusCode.INTERNAL:
+    if code == grpc.StatusCode.INTERNAL or isinstance(exc, MemoryError):
         log.error("event=rpc_error method=%s error=%s", method, type(exc).__name__, exc_info=exc)
     else:
         log.debug("event=rpc_refused method=%s code=%s details=%r", method, code.name, details)

@@ -25,9 +25,10 @@ import numpy as np
 from gradserve.inference import grpc_service_pb2 as pb
 from gradserve.inference import grpc_service_pb2_grpc as pb_grpc
 from gradserve.inference import model_config_pb2 as mc
+from gradserve.wire.tensor import MAX_DIM
 
 from .batching import PredictBatcher
-from .errors import BadRequest, NotServing, VersionNotFound, rpc, status_for
+from .errors import BadRequest, NotServing, VersionNotFound, rpc, shown, status_for
 from .registry import ModelNotFound, ModelRegistry
 
 INPUT_NAME = "inputs"
@@ -62,15 +63,17 @@ def decode_infer_inputs(request: pb.ModelInferRequest) -> np.ndarray:
         raise BadRequest("inputs", f"the model takes exactly one input, {INPUT_NAME!r}; got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
-        raise BadRequest("inputs[0].name", f"{tensor.name!r} is not an input of this model (expected {INPUT_NAME!r})")
+        raise BadRequest("inputs[0].name", f"{shown(tensor.name)} is not an input of this model (expected {INPUT_NAME!r})")
     entry = DATATYPES.get(tensor.datatype)
     if entry is None:
-        raise BadRequest("inputs[0].datatype", f"{tensor.datatype!r} is not supported; use one of "
+        raise BadRequest("inputs[0].datatype", f"{shown(tensor.datatype)} is not supported; use one of "
                          + ", ".join(DATATYPES))
     dtype, contents_field = entry
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise BadRequest("inputs[0].shape", f"negative dimension in {list(shape)}")
+    if len(shape) != 2:
+        raise BadRequest("inputs[0].shape", f"has {len(shape)} axes; expected 2 ([batch, features])")
+    if any(d < 0 or d > MAX_DIM for d in shape):
+        raise BadRequest("inputs[0].shape", f"{list(shape)}: each dimension must lie in [0, {MAX_DIM}]")
     count = math.prod(shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
@@ -105,7 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         described = self.registry.describe(handle)
         if version and version != str(described["step"]):
             raise VersionNotFound(f"model_version: model {name!r} is at version {described['step']} "
-                                  f"(its step), not {version!r}")
+                                  f"(its step), not {shown(version)}")
         return handle, described
 
     @staticmethod
@@ -200,7 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.registry.limits.check_message(X.nbytes + 256)
             for out in request.outputs:
                 if out.name != OUTPUT_NAME:
-                    raise BadRequest("outputs", f"{out.name!r} is not an output of this model "
+                    raise BadRequest("outputs", f"{shown(out.name)} is not an output of this model "
                                      f"(expected {OUTPUT_NAME!r})")
             logits = False
             if "logits" in request.parameters:
@@ -208,11 +211,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if param.WhichOneof("parameter_choice") != "bool_param":
                     raise BadRequest("parameters.logits", "must be a bool parameter")
                 logits = param.bool_param
+            if handle.spec is not None and X.ndim == 2:  # the reply is sized before anything computes it
+                itemsize = 8 if handle.spec.dtype == "float64" else 4
+                self.registry.limits.check_message(len(X) * handle.spec.output.units * itemsize + 256,
+                                                   "the reply would have bytes:")
             decoded = time.perf_counter()
             call = self.predictor.predict(handle, X, logits, context)
             if request.model_version and request.model_version != str(call.step):
                 raise VersionNotFound(f"model_version: model {name!r} is at version {call.step} "
-                                      f"(its step), not {request.model_version!r}")
+                                      f"(its step), not {shown(request.model_version)}")
             computed = time.perf_counter()
             out = call.outputs
             self.registry.limits.check_message(out.nbytes + 256, "the reply would have bytes:")

@@ -1,7 +1,20 @@
 """The server's configurable limits and the error that names one."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+# optimizer state vectors the size of the parameters, per optimizer (torch.optim's state;
+# adam/adamw count amsgrad's max_exp_avg_sq, rmsprop centred+momentum's three)
+OPTIMIZER_SLOTS = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adam": 3, "adamw": 3}
+MEMORY_FRACTION = 0.5  # --max-memory-mb's default: this share of the machine's physical memory
+
+
+def default_memory_mb() -> float:
+    try:
+        return MEMORY_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): a fixed 4 GiB
+        return 4096.0
 
 
 class LimitExceeded(Exception):
@@ -20,6 +33,7 @@ class Limits:
     max_batch_rows: int = 65_536
     max_message_mb: float = 64.0
     max_layers: int = 64
+    max_memory_mb: float = field(default_factory=default_memory_mb)
 
     @property
     def max_message_bytes(self) -> int:
@@ -31,6 +45,31 @@ class Limits:
             raise LimitExceeded("max_layers", self.max_layers, layers, "the spec has layers:")
         if spec.num_params > self.max_params:
             raise LimitExceeded("max_params", self.max_params, spec.num_params, "the spec has parameters:")
+
+    def model_bytes(self, spec) -> int:
+        """A model's worst-case resident bytes: parameters, gradients and
+        optimizer state, twice (the live model and the registry's base copy it
+        is rebuilt from), plus the workspaces nnkernels keeps once a call of
+        ``max_batch_rows`` rows has run: training's z, a, d, dropout mask and
+        transpose buffers and one forward pair, each activations-per-row ×
+        rows. (Dynamic batching runs one forward per model at a time; without
+        it, concurrent Predicts on one model each keep one more pair.)"""
+        itemsize = 8 if spec.dtype == "float64" else 4
+        state = spec.num_params * (2 + OPTIMIZER_SLOTS.get(spec.optimizer.name, 3))
+        per_row = sum(spec.layer_sizes[1:])  # activations per row, every layer
+        has_dropout = any(layer.dropout > 0 for layer in spec.hidden)
+        workspace = self.max_batch_rows * (per_row * (4 + has_dropout + 2) + spec.input_size)
+        return itemsize * (2 * state + workspace) + 16 * self.max_batch_rows
+
+    def check_memory(self, spec, in_use: int) -> None:
+        """Refuses a model whose worst case would take the models' total over
+        --max-memory-mb (``in_use``: the other models' worst case)."""
+        need = self.model_bytes(spec)
+        budget = int(self.max_memory_mb * 2**20)
+        if in_use + need > budget:
+            raise LimitExceeded("max_memory_mb", round(self.max_memory_mb, 1), round((in_use + need) / 2**20, 1),
+                                f"this model needs at worst {need / 2**20:.1f} MiB (parameters, optimizer state, "
+                                f"workspaces for --max-batch-rows {self.max_batch_rows}); the models would need MiB:")
 
     def check_rows(self, rows: int, field: str = "inputs") -> None:
         if rows > self.max_batch_rows:

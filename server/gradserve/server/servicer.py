@@ -10,15 +10,17 @@ import queue
 import threading
 import time
 
+from gradserve.nnkernels import ModelSpec
 from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
-from gradserve.wire.tensor import decode_tensor, encode_tensor
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 
 from .batching import BatchingConfig, PredictBatcher
-from .errors import BadRequest, NotServing, rpc, status_for
-from .registry import MODEL_ID, ModelNotFound, ModelRegistry, StepConflict
+from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_for
+from .registry import ModelNotFound, ModelRegistry, StepConflict
 
+CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk (or half --max-message-mb when smaller)
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 
@@ -30,6 +32,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         # Predict's path (validation, dynamic batching), shared with the V2 protocol
         self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
+        self._create_lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------
     def _ready(self) -> None:
@@ -41,6 +44,21 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         request over the message limit."""
         self._ready()
         self.registry.limits.check_message(request.ByteSize())
+
+    def _check_memory(self, spec_dict: dict, model_id: str) -> None:
+        """Refuses a new model whose worst-case memory would take all models
+        over --max-memory-mb (an existing id is the idempotent create: no check)."""
+        if model_id:
+            try:
+                self.registry.get(model_id)
+                return
+            except ModelNotFound:
+                pass
+        spec = ModelSpec.from_dict({"device": self.registry.default_device, **spec_dict})
+        limits = self.registry.limits
+        limits.check_spec(spec)
+        limits.check_memory(spec, sum(limits.model_bytes(h.spec) for h in self.registry.handles()
+                                      if h.spec is not None))
 
     def _info(self, handle, listing: bool = False) -> pb.ModelInfo:
         d = self.registry.describe(handle, listing)
@@ -56,7 +74,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         reply once ``commit.wait()`` returns (the step is durable)."""
         self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         expected = request.expected_step if request.HasField("expected_step") else None
         try:
             r, commit = self.registry.train_step(handle, X, y, expected)
@@ -78,9 +96,11 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self._admit(request)
         if not request.HasField("spec"):
             raise BadRequest("spec", "is required")
-        if request.model_id and not MODEL_ID.match(request.model_id):
-            raise BadRequest("model_id", f"{request.model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
-        handle, _ = self.registry.create(spec_from_message(request.spec), request.model_id)
+        check_model_id(request.model_id, required=False)
+        spec_dict = spec_from_message(request.spec)
+        with self._create_lock:  # the memory check and the create, one create at a time
+            self._check_memory(spec_dict, request.model_id)
+            handle, _ = self.registry.create(spec_dict, request.model_id)
         return self._info(handle)
 
     @rpc
@@ -138,13 +158,16 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         self._ready()
         handle = self.registry.get(request.model_id)
         try:
-            X = decode_tensor(request.inputs, "inputs")
+            X = decode_tensor(request.inputs, "inputs", (2,))
             # the tensor's bytes stand for the message: ByteSize() would serialize it all again
             self.registry.limits.check_message(X.nbytes + len(request.model_id) + 64)
+            if handle.spec is not None:  # the reply is sized before anything computes it
+                itemsize = 8 if handle.spec.dtype == "float64" else 4
+                self.registry.limits.check_message(len(X) * handle.spec.output.units * itemsize + 64,
+                                                   "the reply would have bytes:")
             decoded = time.perf_counter()
             call = self.predictor.predict(handle, X, request.logits, context)
             computed = time.perf_counter()
-            self.registry.limits.check_message(call.outputs.nbytes + 64, "the reply would have bytes:")
             reply = pb.PredictResponse(outputs=encode_tensor(call.outputs, "outputs"))
         except Exception as exc:
             if self.metrics is not None:  # unknown ids make no series: they failed above
@@ -161,7 +184,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def GetGradients(self, request, context):
         self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         loss, grads, step = self.registry.gradients(handle, X, y)
         resp = pb.GetGradientsResponse(loss=loss, step=step)
         for name, g in grads.items():
@@ -208,7 +231,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         weights = {}
         for t in request.weights:
             if t.name in weights:
-                raise BadRequest("weights", f"{t.name!r} given twice")
+                raise BadRequest("weights", f"{shown(t.name)} given twice")
             weights[t.name] = decode_tensor(t.tensor, t.name)
         self.registry.set_weights(handle, weights)
         return self._info(handle)
@@ -271,7 +294,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def AccumulateGradients(self, request, context):
         self._admit(request)
         handle = self.registry.get(request.model_id)
-        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         rows, loss, step = self.registry.accumulate_gradients(handle, X, y)
         return pb.AccumulateGradientsResponse(rows=rows, loss=loss, step=step)
 
@@ -281,3 +304,42 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         r, commit = self.registry.optimizer_step(self.registry.get(request.model_id))
         commit.wait()
         return self._gradient_step_done(request.model_id, r)
+
+    # -- chunked transfer (models over the message limit) -------------------------
+    def _chunks(self, arrays: dict, **fields):
+        size = min(CHUNK_BYTES, self.registry.limits.max_message_bytes // 2)
+        for name, array in arrays.items():
+            yield from tensor_chunks(array, name, size, **fields)
+
+    @rpc
+    def GetWeightsChunks(self, request, context):
+        self._admit(request)
+        step, weights = self.registry.get_weights(self.registry.get(request.model_id))
+        yield from self._chunks(weights, step=step)
+
+    @rpc
+    def GetGradientsChunks(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
+        loss, grads, step = self.registry.gradients(handle, X, y)
+        yield from self._chunks(grads, step=step, loss=loss)
+
+    @rpc
+    def SetWeightsChunks(self, request_iterator, context):
+        self._ready()
+        handle, assembler = None, None
+        for chunk in request_iterator:
+            self.registry.limits.check_message(chunk.ByteSize())
+            if handle is None:
+                handle = self.registry.get(chunk.model_id)
+                # only the model's parameters, at their shapes: the stream cannot make the server allocate more
+                assembler = ChunkAssembler({name: tuple(shape) for name, shape in
+                                            self.registry.describe(handle)["params"]})
+            elif chunk.model_id != handle.model_id:
+                raise BadRequest("model_id", "differs between the chunks of one stream")
+            assembler.add(chunk)
+        if handle is None:
+            raise BadRequest("chunks", "the stream sent none")
+        self.registry.set_weights(handle, assembler.arrays())
+        return self._info(handle)
