@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     print(f"compiled the CUDA kernels in {time.perf_counter() - t0:.1f} s")
 
     import numba
+
     from gradserve.nnkernels import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec
     from gradserve.nnkernels.model import Model
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                 t_torch = timed(theirs, args.warmup, args.iters, tsync)
                 print(f"{name:<20} {batch:>6} {what:<8} {batch / t_ours:>13,.0f} {batch / t_torch:>13,.0f} "
                       f"{t_torch / t_ours:>6.2f}x", flush=True)
-        del model, net, opt
+        model = net = opt = None  # free the GPU memory before the next network
         if tdev == "cuda":
             torch.cuda.empty_cache()
     print()

@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service import (SHAPE, SPEC, free_port, in_process_nnkernels, machine, measure, start_echo,  # noqa: E402
-                     stop, wait_ready)
+from service import SHAPE, SPEC, free_port, in_process_nnkernels, machine, measure, start_echo, stop, wait_ready  # noqa: E402
 
 from gradserve.client import loadtest  # noqa: E402
 

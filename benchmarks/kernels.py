@@ -19,9 +19,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gradserve import nnkernels  # noqa: E402  (first: picks the threading layer)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from gradserve import nnkernels  # noqa: E402  (first: picks the threading layer)
 from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, runtime  # noqa: E402
 
 CASES = [

@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 
 from gradserve.client import loadtest  # noqa: E402
 from gradserve.client.loadtest_runner import result_to_dict, run_load, run_load_threads  # noqa: E402
-from gradserve.v1 import trainer_pb2 as pb  # noqa: E402
 
 LAYERS = [784, 512, 256, 10]
 SPEC = {

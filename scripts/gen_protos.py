@@ -33,9 +33,10 @@ def proto_files() -> list[Path]:
 
 def generate(out: Path) -> list[Path]:
     """Runs protoc (from grpcio-tools) and returns the files it wrote."""
-    from grpc_tools import protoc
-    import grpc_tools
     from importlib.metadata import version
+
+    import grpc_tools
+    from grpc_tools import protoc
 
     if version("grpcio-tools") != GENERATOR:
         raise SystemExit(f"grpcio-tools {version('grpcio-tools')} is installed; the committed code comes "

@@ -1,3 +1,6 @@
-"""Shared pytest set-up for the nnkernels tests: nothing but the import
-order (nnkernels first, so it picks the threading layer before numba)."""
+"""Shared pytest set-up: nnkernels is imported first (it picks Numba's
+threading layer before numba starts), and the real-server fixtures
+(``server``, ``client``) of ``service_fixtures`` serve every test module."""
 from gradserve import nnkernels  # noqa: F401
+
+pytest_plugins = ["service_fixtures"]

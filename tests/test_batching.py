@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from gradserve.nnkernels import InputError
-from gradserve.server.batching import (BatchingConfig, CallCancelled, CallDeadlineExceeded, ModelQueue,
-                                       QueuedCall, validated_inputs)
+from gradserve.server.batching import (
+    BatchingConfig,
+    CallCancelled,
+    CallDeadlineExceeded,
+    ModelQueue,
+    QueuedCall,
+    validated_inputs,
+)
 from gradserve.server.limits import Limits
 
 

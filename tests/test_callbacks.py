@@ -10,7 +10,7 @@ import pytest
 from gradserve.client import Client
 from gradserve.client.callbacks import BestCheckpoint, Callback, EarlyStopping, ReduceLROnPlateau
 from gradserve.nnkernels import Model, ModelSpec
-from service_fixtures import ServerProcess, client, server  # noqa: F401  (fixtures)
+from service_fixtures import ServerProcess
 
 SPEC = dict(input_size=5, hidden=[(16, "tanh")], output=(3, "softmax"),
             optimizer={"name": "adam", "lr": 0.01}, schedule={"name": "step", "step_size": 2, "gamma": 0.5}, seed=3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradserve.client import AsyncClient, Client, build_spec
-from service_fixtures import client, free_port, server  # noqa: F401  (fixtures)
+from service_fixtures import free_port
 
 X = np.random.default_rng(0).standard_normal((12, 3)).astype(np.float32)
 Y = np.random.default_rng(1).integers(0, 2, 12)

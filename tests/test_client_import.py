@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 import venv
-from pathlib import Path
 
 from service_fixtures import ROOT, source_env
 

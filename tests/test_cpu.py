@@ -3,8 +3,17 @@ every activation × loss, every optimizer, dropout and noise, inference."""
 import numpy as np
 import pytest
 
-from gradserve.nnkernels import (LayerSpec, LossSpec, Model, ModelSpec, OptimizerSpec, OutputSpec,
-                       RegularizationSpec, ScheduleSpec, init_params)
+from gradserve.nnkernels import (
+    LayerSpec,
+    LossSpec,
+    Model,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    RegularizationSpec,
+    ScheduleSpec,
+    init_params,
+)
 from gradserve.nnkernels import reference as R
 from gradserve.nnkernels.registry import ACTIVATIONS, init_state, state_names
 

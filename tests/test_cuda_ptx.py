@@ -98,10 +98,11 @@ def test_float32_products_stay_float32():
 
 def test_cuda_model_without_gpu_raises_device_unavailable():
     _real_cuda()
-    from gradserve.nnkernels import DeviceUnavailableError, ModelSpec, OutputSpec, LayerSpec
-    from gradserve.nnkernels.devices import available_devices, make_backend
-    from gradserve.nnkernels.cuda import is_available
     import numpy as np
+
+    from gradserve.nnkernels import DeviceUnavailableError, LayerSpec, ModelSpec, OutputSpec
+    from gradserve.nnkernels.cuda import is_available
+    from gradserve.nnkernels.devices import available_devices, make_backend
     spec = ModelSpec(input_size=3, hidden=(LayerSpec(5),), output=OutputSpec(2), device="cuda")
     params = np.zeros(spec.num_params, np.float32)
     if is_available():  # a GPU machine: the same request must succeed instead

@@ -111,7 +111,8 @@ def specs(draw):
     size = st.integers(1, 16) if sane else counts
     s = pb.ModelSpec(input_size=draw(size) % 2**63)
     for _ in range(draw(st.integers(0, 3))):
-        s.hidden.add(units=draw(size) % 2**63, activation=draw(st.sampled_from(["relu", "tanh", "", "bogus"]) if not sane else st.just("relu")),
+        activations = st.just("relu") if sane else st.sampled_from(["relu", "tanh", "", "bogus"])
+        s.hidden.add(units=draw(size) % 2**63, activation=draw(activations),
                      dropout=0.0 if sane else draw(extreme_floats))
     if sane:
         s.output.units, s.output.kind = draw(size), "softmax"

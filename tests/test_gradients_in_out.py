@@ -9,12 +9,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from test_reference import OPTIMIZERS
 
 from gradserve.client import Client
 from gradserve.nnkernels import Model, ModelSpec
 from gradserve.server.gradients import GradientAccumulator, apply_gradients, flat_gradients
-from service_fixtures import ServerProcess, client, server  # noqa: F401  (fixtures)
-from test_reference import OPTIMIZERS
+from service_fixtures import ServerProcess
 
 CLIP = 1.5
 

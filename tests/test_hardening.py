@@ -17,7 +17,7 @@ from gradserve.client import AsyncClient, Client
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.tensor import encode_tensor
-from service_fixtures import ServerProcess, client, server  # noqa: F401  (fixtures)
+from service_fixtures import ServerProcess
 
 SPEC = dict(input_size=4, hidden=[{"units": 8, "activation": "relu"}], output={"units": 3, "kind": "softmax"},
             optimizer={"name": "sgd", "lr": 0.1}, seed=3)

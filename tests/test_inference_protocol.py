@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from gradserve.client import Client
-from service_fixtures import ServerProcess, client, server  # noqa: F401
+from service_fixtures import ServerProcess
 
 SPEC = dict(input_size=6, hidden=[{"units": 8, "activation": "tanh"}], output={"units": 3, "kind": "softmax"},
             seed=3)

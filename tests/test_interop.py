@@ -8,11 +8,11 @@ import pytest
 
 from gradserve.client import interop
 from gradserve.nnkernels.registry import ACTIVATIONS, OUTPUTS
-from service_fixtures import server, client  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
-from safetensors.torch import load_file as torch_load_file, save_file as torch_save_file  # noqa: E402
+from safetensors.torch import load_file as torch_load_file  # noqa: E402
+from safetensors.torch import save_file as torch_save_file  # noqa: E402
 
 # extra parameters away from their defaults, so the export must carry them
 LAYER_EXTRAS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.7}}

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_service_security import make_pki
 
 from service_fixtures import ServerProcess, source_env
-from test_service_security import make_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 ROOT = Path(__file__).resolve().parents[1]

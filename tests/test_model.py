@@ -2,8 +2,17 @@
 import numpy as np
 import pytest
 
-from gradserve.nnkernels import (InputError, LayerSpec, Model, ModelSpec, NonFiniteError, NotTrainableError,
-                       OptimizerSpec, OutputSpec, StepResult)
+from gradserve.nnkernels import (
+    InputError,
+    LayerSpec,
+    Model,
+    ModelSpec,
+    NonFiniteError,
+    NotTrainableError,
+    OptimizerSpec,
+    OutputSpec,
+    StepResult,
+)
 from gradserve.nnkernels import reference as R
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.tensor import TensorError, decode_tensor, encode_tensor
-from gradserve.v1 import trainer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service_fixtures import server, source_env  # noqa: F401  (fixture)
+from service_fixtures import source_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from gradserve.nnkernels import Model, ModelSpec
-from gradserve.server.registry import (Durability, ModelRegistry, ModelUnavailable, StateOverflow,
-                                       StepConflict)
+from gradserve.server.registry import Durability, ModelRegistry, ModelUnavailable, StateOverflow, StepConflict
 from gradserve.server.store import SqliteStore
 
 # dropout, input noise and a step schedule: replay must redraw the same

@@ -7,11 +7,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec, ParamLayout,
-                       ScheduleSpec, init_params)
+from gradserve.nnkernels import (
+    LayerSpec,
+    LossSpec,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    ParamLayout,
+    ScheduleSpec,
+    init_params,
+)
 from gradserve.nnkernels import reference as R
-from gradserve.nnkernels.registry import (ACTIVATION_PARAMETERS, ACTIVATIONS, clip_coefficient, init_state,
-                                          scheduled_lr, state_names)
+from gradserve.nnkernels.registry import (
+    ACTIVATION_PARAMETERS,
+    ACTIVATIONS,
+    clip_coefficient,
+    init_state,
+    scheduled_lr,
+    state_names,
+)
 
 
 def torch_activation(z, layer):

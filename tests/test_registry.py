@@ -6,16 +6,36 @@ import math
 
 import numpy as np
 import pytest
-from registry_walk import assert_backend_handles_every_registry_entry
 
-from gradserve.nnkernels import (InitSpec, LayerSpec, ModelSpec, OptimizerSpec, OutputSpec, ScheduleSpec,
-                                 init_params)
-from gradserve.nnkernels import kernel_args
+from gradserve.nnkernels import (
+    InitSpec,
+    LayerSpec,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    ScheduleSpec,
+    init_params,
+    kernel_args,
+)
 from gradserve.nnkernels import reference as R
-from gradserve.nnkernels.registry import (ACTIVATION_PARAMETERS, ACTIVATIONS, CODED, HYPERPARAMETERS, INIT_FIELDS,
-                                          INITIALIZERS, OPTIMIZERS, SCHEDULE_FIELDS, SCHEDULES,
-                                          SHARED_HYPERPARAMETERS, ActivationCode, OptimizerCode, OutputCode,
-                                          scheduled_lr, state_names)
+from gradserve.nnkernels.registry import (
+    ACTIVATION_PARAMETERS,
+    ACTIVATIONS,
+    CODED,
+    HYPERPARAMETERS,
+    INIT_FIELDS,
+    INITIALIZERS,
+    OPTIMIZERS,
+    SCHEDULE_FIELDS,
+    SCHEDULES,
+    SHARED_HYPERPARAMETERS,
+    ActivationCode,
+    OptimizerCode,
+    OutputCode,
+    scheduled_lr,
+    state_names,
+)
+from registry_walk import assert_backend_handles_every_registry_entry
 
 ENUMS = {"activation": ActivationCode, "output kind": OutputCode, "optimizer": OptimizerCode}
 

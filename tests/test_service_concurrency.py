@@ -12,7 +12,6 @@ from collections import Counter
 import numpy as np
 
 from gradserve.client import Client
-from service_fixtures import server  # noqa: F401  (fixture)
 
 SECONDS = float(os.environ.get("GRADSERVE_LOAD_SECONDS", "8"))
 THREADS = 16

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from gradserve.client import Client
+from gradserve.nnkernels import available_devices
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.tensor import encode_tensor
-from gradserve.nnkernels import available_devices
-from service_fixtures import client, server  # noqa: F401  (fixtures)
 
 SPEC = dict(input_size=4, hidden=[(8, "tanh")], output=(3, "softmax"), optimizer="sgd", seed=3)
 X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)

@@ -7,17 +7,17 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.wire.specmsg import spec_to_message
-from gradserve.wire.status import RETRY_SAFE_KEY
-from gradserve.wire.tensor import encode_tensor
-from gradserve.v1 import trainer_pb2 as pb
+from gradserve.server import wal
 from gradserve.server.cli import build_parser, config_from_args
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
 from gradserve.server.rwlock import ReadWriteLock
 from gradserve.server.servicer import TrainerServicer
-from gradserve.server import wal
 from gradserve.server.store import SqliteStore, StoredModel
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.specmsg import spec_to_message
+from gradserve.wire.status import RETRY_SAFE_KEY
+from gradserve.wire.tensor import encode_tensor
 
 SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
 

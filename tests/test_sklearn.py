@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 
-from service_fixtures import server, client, source_env  # noqa: F401  (fixtures)
+from service_fixtures import source_env
 
 pytest.importorskip("sklearn")
 from sklearn.datasets import load_digits, make_regression  # noqa: E402

@@ -1,8 +1,17 @@
 """ModelSpec validation: every invalid value raises SpecError naming its field."""
 import pytest
 
-from gradserve.nnkernels import (InitSpec, LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
-                       RegularizationSpec, ScheduleSpec, SpecError)
+from gradserve.nnkernels import (
+    InitSpec,
+    LayerSpec,
+    LossSpec,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    RegularizationSpec,
+    ScheduleSpec,
+    SpecError,
+)
 
 
 def spec(**kw):

@@ -6,8 +6,7 @@ import numba
 import numpy as np
 
 from gradserve import nnkernels
-from gradserve.nnkernels import (LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec,
-                       runtime)
+from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec, runtime
 
 
 def make_spec(i):

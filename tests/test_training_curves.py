@@ -2,14 +2,12 @@
 read back with TensorBoard's own EventAccumulator."""
 import numpy as np
 import pytest
-
 from tensorboard.backend.event_processing import event_accumulator
 
 from gradserve.client import Client
 from gradserve.nnkernels import StepResult
 from gradserve.server.curves import TrainingCurves
 from service_fixtures import ServerProcess
-
 
 
 def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

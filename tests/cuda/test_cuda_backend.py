@@ -13,8 +13,15 @@ import math
 import numpy as np
 import pytest
 
-from gradserve.nnkernels import (LayerSpec, LossSpec, ModelSpec, OptimizerSpec, OutputSpec,
-                       RegularizationSpec, ScheduleSpec)
+from gradserve.nnkernels import (
+    LayerSpec,
+    LossSpec,
+    ModelSpec,
+    OptimizerSpec,
+    OutputSpec,
+    RegularizationSpec,
+    ScheduleSpec,
+)
 from gradserve.nnkernels import reference as ref
 from gradserve.nnkernels.cuda.backend import CudaBackend
 from gradserve.nnkernels.params import init_params
@@ -113,9 +120,8 @@ def test_dropout_and_input_noise_draw_the_reference_masks(dtype):
     hidden = (LayerSpec(5, "relu", dropout=0.4), LayerSpec(4, "gelu", dropout=0.25))
     spec = make_spec(dtype, hidden=hidden, regularization=RegularizationSpec(input_noise_std=0.3))
     X, y = batch(spec, 6)
-    be = None
     for step in (0, 3):  # different steps draw different masks: both must match
-        be = check_forward_and_grads(spec, X, y, step=step)
+        check_forward_and_grads(spec, X, y, step=step)
     # the masks really drop something and differ from an eval pass
     params = init_params(spec)
     _, _, g_train = ref.loss_and_grads(spec, params, X, y, 3)

@@ -9,7 +9,7 @@ Never imports numba or nnkernels (the server side); only the wire layer
 in ``gradserve``. ``AsyncClient`` is the grpc.aio twin.
 """
 from ._wire import ModelInfo, StepResult, build_spec
-from .sync import Client, RemoteModel
 from .aio import AsyncClient, AsyncRemoteModel
+from .sync import Client, RemoteModel
 
 __all__ = ["Client", "RemoteModel", "AsyncClient", "AsyncRemoteModel", "ModelInfo", "StepResult", "build_spec"]

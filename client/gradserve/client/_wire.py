@@ -10,10 +10,10 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 
+from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor, encode_tensor
-from gradserve.v1 import trainer_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_MB = 64
 

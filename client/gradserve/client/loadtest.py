@@ -34,12 +34,10 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from gradserve.client.loadtest_runner import CallKind, format_report, result_to_dict, run_load, run_load_threads
+from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.specmsg import spec_to_message
 from gradserve.wire.tensor import encode_tensor
-from gradserve.v1 import trainer_pb2 as pb
-
-from gradserve.client.loadtest_runner import (CallKind, format_report, result_to_dict, run_load,
-                                    run_load_threads)
 
 SERVICE = "/gradserve.v1.Trainer/"
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"

@@ -18,8 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError
-from .registry import (ACTIVATION_PARAMETERS, ACTIVATIONS, HYPERPARAMETERS, INIT_FIELDS, INITIALIZERS, LOSSES,
-                       OPTIMIZERS, OUTPUTS, SCHEDULE_FIELDS, SCHEDULES, SHARED_HYPERPARAMETERS, Field)
+from .registry import (
+    ACTIVATION_PARAMETERS,
+    ACTIVATIONS,
+    HYPERPARAMETERS,
+    INIT_FIELDS,
+    INITIALIZERS,
+    LOSSES,
+    OPTIMIZERS,
+    OUTPUTS,
+    SCHEDULE_FIELDS,
+    SCHEDULES,
+    SHARED_HYPERPARAMETERS,
+    Field,
+)
 
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")

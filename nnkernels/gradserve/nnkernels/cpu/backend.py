@@ -3,7 +3,6 @@ workspaces in host memory, driven by the Numba kernels of ``kernels.py`` and
 ``optimizer.py``."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from .. import rng, runtime

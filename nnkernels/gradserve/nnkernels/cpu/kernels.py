@@ -43,7 +43,8 @@ import numpy as np
 from numba import njit, prange
 
 from .. import rng as _rng
-from ..registry import ActivationCode as Act, OutputCode as Out
+from ..registry import ActivationCode as Act
+from ..registry import OutputCode as Out
 
 NORM_BLOCK = 16384  # elements per partial sum of the squared gradient norm
 BLOCK = 128  # rows per BLAS call: fixed, so results do not depend on thread count;

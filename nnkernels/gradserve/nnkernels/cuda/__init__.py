@@ -35,8 +35,8 @@ def _fix_simulator_shared_arrays() -> None:
 
     import numpy as np
     from numba.core import types
-    from numba.np import numpy_support
     from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
 
     lock = threading.Lock()
     original = kernelapi.FakeCUDAShared.array

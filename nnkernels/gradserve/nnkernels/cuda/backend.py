@@ -29,7 +29,8 @@ from ..backend import Backend
 from ..kernel_args import layer_table, optimizer_coefficients, state_slots
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
-from . import SIMULATOR, numba_cuda as cuda
+from . import SIMULATOR
+from . import numba_cuda as cuda
 from .kernels import kernels_for
 from .target import LayerEpilogue, OptimizerCoefficients
 
@@ -195,7 +196,6 @@ class CudaBackend(Backend):
         n = X.shape[0]
         ctx.ensure(n)
         s = ctx.stream
-        T = self._T
         m_out = self.sizes[-1]
         Xd = ctx.X[:n]
         Xd.copy_to_device(np.ascontiguousarray(X, dtype=self.dtype), stream=s)

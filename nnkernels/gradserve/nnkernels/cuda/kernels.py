@@ -37,7 +37,8 @@ import threading
 
 from numba import types
 
-from . import SIMULATOR, losses, numba_cuda as cuda, optimizers, products, reductions
+from . import SIMULATOR, losses, optimizers, products, reductions
+from . import numba_cuda as cuda
 from .device import device_functions
 from .target import Target
 

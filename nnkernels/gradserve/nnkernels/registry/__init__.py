@@ -13,13 +13,26 @@ definitions, and the step policy every device follows.
 Plain Python and NumPy: no Numba here, so ``nnkernels.spec`` can validate a
 spec without loading any compiler.
 """
-from .activations import ACTIVATIONS, PARAMETERS as ACTIVATION_PARAMETERS, Activation, ActivationCode
+from .activations import ACTIVATIONS, Activation, ActivationCode
+from .activations import PARAMETERS as ACTIVATION_PARAMETERS
 from .fields import MAX_COUNT, Field
-from .initializers import FIELDS as INIT_FIELDS, INITIALIZERS, Initializer
-from .optimizers import (HYPERPARAMETERS, OPTIMIZERS, SHARED as SHARED_HYPERPARAMETERS, STATE_SLOTS, Optimizer,
-                         OptimizerCode, StateBuffer, clip_coefficient, init_state, state_names)
+from .initializers import FIELDS as INIT_FIELDS
+from .initializers import INITIALIZERS, Initializer
+from .optimizers import (
+                         HYPERPARAMETERS,
+                         OPTIMIZERS,
+                         STATE_SLOTS,
+                         Optimizer,
+                         OptimizerCode,
+                         StateBuffer,
+                         clip_coefficient,
+                         init_state,
+                         state_names,
+)
+from .optimizers import SHARED as SHARED_HYPERPARAMETERS
 from .outputs import LOSSES, OUTPUTS, OutputCode, OutputKind
-from .schedules import FIELDS as SCHEDULE_FIELDS, SCHEDULES, Schedule, scheduled_lr
+from .schedules import FIELDS as SCHEDULE_FIELDS
+from .schedules import SCHEDULES, Schedule, scheduled_lr
 
 # the registries whose entries carry kernel codes, by what they name
 CODED = {"activation": ACTIVATIONS, "output kind": OUTPUTS, "optimizer": OPTIMIZERS}
