@@ -18,6 +18,7 @@ from gradserve.wire.specmsg import spec_to_message
 from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
 from gradserve.wire.tensor import encode_tensor
 from gradserve.server import app
+from gradserve.server.datasets import content_hash
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
 from gradserve.server.servicer import TrainerServicer
@@ -27,6 +28,7 @@ from test_service_units import Aborted, FakeContext
 SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
 X = np.ones((2, 3), np.float32)
 Y = np.array([0, 1])
+DATASET_ID = "ds-" + content_hash(X, Y.astype(np.int64))[:32]
 RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["Trainer"].methods]
 
 
@@ -55,13 +57,19 @@ def calls(model_id):
         "GetWeights": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
         "SetWeights": ("set_weights", set_weights),
         "SaveModel": ("save", pb.SaveModelRequest(model_id=model_id)),
+        # data sets and Fit: the ``model_id`` fixture stores (X, Y) as DATASET_ID
+        "UploadDataset": ("datasets.put", iter([pb.DatasetChunk(inputs=encode_tensor(X), targets=encode_tensor(Y))])),
+        "ListDatasets": ("datasets.infos", pb.ListDatasetsRequest()),
+        "GetDataset": ("datasets.info", pb.GetDatasetRequest(dataset_id=DATASET_ID)),
+        "DeleteDataset": ("delete_dataset", pb.DeleteDatasetRequest(dataset_id=DATASET_ID)),
+        "Fit": ("fit_steps", pb.FitRequest(model_id=model_id, dataset_id=DATASET_ID, epochs=1, batch_size=2)),
     }
 
 
 def invoke(servicer, method, request, ctx):
     """Runs one RPC to its end; a stream's replies are collected."""
     result = getattr(servicer, method)(request, ctx)
-    return list(result) if method == "TrainStream" else result
+    return list(result) if method in ("TrainStream", "Fit") else result
 
 
 @pytest.fixture
@@ -76,6 +84,7 @@ def servicer(tmp_path):
 @pytest.fixture
 def model_id(servicer):
     handle, _ = servicer.registry.create(SPEC, "m")
+    servicer.registry.datasets.put(X, Y.astype(np.int64))
     return handle.model_id
 
 
@@ -102,7 +111,11 @@ def test_unexpected_exception_is_internal_with_a_logged_traceback(servicer, mode
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(servicer.registry, target, broken)
+    *owners, attribute = target.split(".")
+    owner = servicer.registry
+    for name in owners:
+        owner = getattr(owner, name)
+    monkeypatch.setattr(owner, attribute, broken)
     ctx = FakeContext()
     with caplog.at_level(logging.ERROR, logger="gradserve.servicer"), pytest.raises(Aborted):
         invoke(servicer, method, request, ctx)

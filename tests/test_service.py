@@ -68,9 +68,8 @@ def test_fit_shuffles_reproducibly_and_reports_validation_metrics(client):
     y = np.concatenate([b[1] for b in batches(4, seed=3)])
     history = remote.fit(X, y, epochs=2, batch_size=10, shuffle=True, seed=5, validation_data=(X, y),
                          progress=False)
-    rng = np.random.default_rng(5)
-    for _ in range(2):
-        order = rng.permutation(len(X))
+    for epoch in range(2):  # the Fit schedule: numpy PCG64 seeded with [seed, epoch]
+        order = np.random.Generator(np.random.PCG64([5, epoch])).permutation(len(X))
         for i in range(0, len(X), 10):
             local.train_step(X[order[i:i + 10]], y[order[i:i + 10]])
     assert_same_weights(remote, local)
@@ -168,7 +167,8 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
         service = DescriptorPool(db).FindServiceByName("gradserve.v1.Trainer")
         assert {m.name for m in service.methods} == {
             "CreateModel", "TrainStep", "Predict", "GetGradients", "GetModel", "ListModels", "DeleteModel",
-            "GetWeights", "SetWeights", "SaveModel", "TrainStream"}
+            "GetWeights", "SetWeights", "SaveModel", "TrainStream",
+            "UploadDataset", "ListDatasets", "GetDataset", "DeleteDataset", "Fit"}
 
 
 def test_prometheus_metrics_count_calls_steps_and_models(server, client):

@@ -92,6 +92,9 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+        # server-side Fit: the upload streams requests, Fit streams replies
+        self._deny_by_method = {f"/{SERVICE_NAME}/UploadDataset": grpc.stream_unary_rpc_method_handler(deny),
+                                f"/{SERVICE_NAME}/Fit": grpc.unary_stream_rpc_method_handler(deny)}
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
@@ -99,6 +102,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected.encode()):
             return continuation(details)
+        if details.method in self._deny_by_method:
+            return self._deny_by_method[details.method]
         return self._deny_stream if details.method.endswith("/TrainStream") else self._deny_unary
 
 

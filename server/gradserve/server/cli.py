@@ -34,6 +34,8 @@ SERVE_FLAGS = [
     ("max-params", int, Limits.max_params, "parameters per model"),
     ("max-batch-rows", int, Limits.max_batch_rows, "rows per batch (train, gradients, predict)"),
     ("max-layers", int, Limits.max_layers, "dense layers per model (hidden + output)"),
+    ("max-dataset-mb", float, Limits.max_dataset_mb, "largest data set (inputs + targets) UploadDataset stores, MiB"),
+    ("max-datasets-mb", float, Limits.max_datasets_mb, "all stored data sets together, MiB"),
     ("default-device", str, "cpu", "device for specs that name none (cpu, cuda)"),
     ("kernel-threads", int, 0, "threads one kernel call may use (Numba and BLAS); 0: all cores. "
                                "Under many concurrent callers about cores / concurrent calls is best"),
@@ -98,7 +100,8 @@ def config_from_args(args):
         sqlite_sync=args.sqlite_sync,
         workers=args.workers,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
-                      max_message_mb=args.max_message_mb, max_layers=args.max_layers),
+                      max_message_mb=args.max_message_mb, max_layers=args.max_layers,
+                      max_dataset_mb=args.max_dataset_mb, max_datasets_mb=args.max_datasets_mb),
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

@@ -29,7 +29,9 @@ from gradserve.wire.tensor import TensorError
 
 from .batching import CallCancelled, CallDeadlineExceeded
 from .limits import LimitExceeded
-from .registry import DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown, StepConflict
+from .datasets import DatasetNotFound
+from .registry import (DatasetInUse, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown,
+                       StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -57,14 +59,14 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
-    ((ModelNotFound, VersionNotFound), grpc.StatusCode.NOT_FOUND, False),
+    ((ModelNotFound, VersionNotFound, DatasetNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     (CallCancelled, grpc.StatusCode.CANCELLED, False),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
     # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
     (StepConflict, grpc.StatusCode.ABORTED, False),
-    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff),
+    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff, DatasetInUse),
      grpc.StatusCode.FAILED_PRECONDITION, False),
     ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
 )

@@ -20,6 +20,9 @@ class Limits:
     max_batch_rows: int = 65_536
     max_message_mb: float = 64.0
     max_layers: int = 64
+    # data sets for server-side Fit
+    max_dataset_mb: float = 512.0
+    max_datasets_mb: float = 2048.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -39,3 +42,13 @@ class Limits:
     def check_message(self, size: int, what: str = "the request has bytes:") -> None:
         if size > self.max_message_bytes:
             raise LimitExceeded("max_message_mb", self.max_message_mb, size, what)
+
+    # -- data sets --------------------------------------------------------------
+    def check_dataset(self, nbytes: int, total_after: int | None = None) -> None:
+        """One data set's bytes, and (when given) every stored data set's
+        bytes once it is added."""
+        if nbytes > self.max_dataset_mb * 1024 * 1024:
+            raise LimitExceeded("max_dataset_mb", self.max_dataset_mb, nbytes, "the data set has bytes:")
+        if total_after is not None and total_after > self.max_datasets_mb * 1024 * 1024:
+            raise LimitExceeded("max_datasets_mb", self.max_datasets_mb, total_after,
+                                "the stored data sets would have bytes:")

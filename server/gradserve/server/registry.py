@@ -56,6 +56,7 @@ from gradserve.nnkernels import (DeviceUnavailableError, InputError, Model, Mode
                                  NotTrainableError, ParamLayout, StepResult)
 
 from . import mutations
+from .datasets import DatasetCatalog
 from .limits import LimitExceeded, Limits
 from .mutations import Mutation
 from .rwlock import ReadWriteLock
@@ -97,6 +98,10 @@ class DurabilityOff(RuntimeError):
 class StateOverflow(NonFiniteError):
     """A mutation (or a spec's initialization) would leave parameters or
     optimizer state with Inf or NaN; it was not applied. Server: FAILED_PRECONDITION."""
+
+
+class DatasetInUse(RuntimeError):
+    """DeleteDataset of a data set a running Fit trains on. Server: FAILED_PRECONDITION."""
 
 
 class StepConflict(Exception):
@@ -240,6 +245,8 @@ class ModelRegistry:
             if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
         self._lock = threading.Lock()  # guards _models only
+        self.datasets = DatasetCatalog(store, limits)
+        self._datasets_in_use: dict[str, int] = {}  # data set id -> Fits running on it (guarded by _lock)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._snapshotter: threading.Thread | None = None
@@ -361,6 +368,8 @@ class ModelRegistry:
         if m.version <= handle.version:
             return
         try:
+            if m.kind == mutations.FIT_STEPS:
+                m.source = self.datasets.arrays(m.fields["dataset"])
             t0 = time.perf_counter()
             result = self._apply_checked(handle, m)
             seconds = time.perf_counter() - t0
@@ -662,6 +671,46 @@ class ModelRegistry:
     def set_weights(self, handle: ModelHandle, weights: dict[str, np.ndarray]) -> None:
         _, commit = self._mutate(handle, lambda uid, version, step: mutations.set_weights(uid, version, step, weights))
         commit.wait()
+
+    # -- server-side Fit (data sets) -----------------------------------------------------
+    def fit_steps(self, handle: ModelHandle, source: tuple, **fields) -> tuple["mutations.FitStepsResult", Commit]:
+        """Applies a run of a Fit's steps (``mutations.fit_steps``) as one
+        logged mutation, under the write lock taken once for the run; returns
+        (FitStepsResult, Commit)."""
+        return self._mutate(handle, lambda uid, version, step: mutations.fit_steps(uid, version, step, source,
+                                                                                  **fields))
+
+    def use_datasets(self, ids: list[str]):
+        """Context manager: DeleteDataset refuses these data sets while it is open."""
+        registry = self
+
+        class _Use:
+            def __enter__(self):
+                with registry._lock:
+                    for i in ids:
+                        registry._datasets_in_use[i] = registry._datasets_in_use.get(i, 0) + 1
+
+            def __exit__(self, *exc):
+                with registry._lock:
+                    for i in ids:
+                        registry._datasets_in_use[i] -= 1
+                        if not registry._datasets_in_use[i]:
+                            del registry._datasets_in_use[i]
+        return _Use()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes a data set no Fit is using. Every changed model is
+        snapshotted first, so no log record a recovery replays names it."""
+        self.datasets.info(dataset_id)
+        with self._lock:
+            if self._datasets_in_use.get(dataset_id):
+                raise DatasetInUse(f"dataset_id: data set {dataset_id!r} is being trained on by "
+                                   f"{self._datasets_in_use[dataset_id]} Fit call(s); cancel them first")
+        if self.store is not None and self.durability.mode != "none":
+            for h in self.handles():
+                if h.model is not None and not h.deleted:
+                    self.snapshot(h, persist=True, unpin=True)
+        self.datasets.delete(dataset_id)
 
     # -- reads -------------------------------------------------------------------------------
     def gradients(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray):
