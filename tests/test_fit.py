@@ -1,6 +1,7 @@
 """Data sets on the server and server-side Fit, end to end against a real
 server, checked against nnkernels run in this process on the batches
 ``gradserve.wire.shuffle`` schedules."""
+import re
 import threading
 import time
 
@@ -224,3 +225,48 @@ def test_a_non_finite_step_stops_the_fit_with_the_model_at_its_last_finite_step(
         assert not all(np.isfinite(a).all() for a in local.state_dict().values())
     except NonFiniteError:
         pass
+
+
+def test_sigkill_during_a_fit_then_restart_keeps_its_reported_steps_and_the_fit_continues(tmp_path):
+    store = tmp_path / "g.db"
+    flags = ("--durability", "step", "--checkpoint-steps", "40")
+    X, y = data(40_000, seed=7)
+    proc = ServerProcess(store, *flags)
+    try:
+        with Client(proc.target, timeout=30) as c:
+            remote = c.create_model(**SPEC, model_id="fit")
+            dataset = c.upload_dataset(X, y)
+            request = pb.FitRequest(model_id="fit", dataset_id=dataset.dataset_id, epochs=3, batch_size=8,
+                                    shuffle=True, seed=4, progress_every_steps=32, start_step=0)
+            for progress in c._stub.Fit(request):
+                if progress.step >= 300:
+                    break
+            reported = progress.step
+            proc.kill()  # SIGKILL mid-Fit: the Fit's steps since were logged as runs, not batches
+        proc = ServerProcess(store, *flags)
+        with Client(proc.target, timeout=30) as c:
+            assert c.get_dataset(dataset.dataset_id).rows == 40_000  # the data set survived
+            remote = c.get_model("fit")
+            recovered = remote.info.step
+            assert re.search(r"event=model_loaded model_id=fit .* replayed=[1-9]", proc.log())  # runs replayed
+            assert recovered >= reported
+            total = 3 * steps_per_epoch(len(X), 8)
+            assert recovered < total
+            local = local_twin(remote)
+            schedule = fit_batches(X, y, epochs=3, batch_size=8, seed=4)
+            for _, Xb, yb in schedule:  # the in-process replay of the steps the server kept
+                local.train_step(Xb, yb)
+                if local.step == recovered:
+                    break
+            assert_same_weights(remote.get_weights(), local.get_weights())
+            # the same Fit sent again (same start_step) continues where the model is, and says so
+            msgs = list(c._stub.Fit(request))
+            spe = steps_per_epoch(len(X), 8)
+            assert recovered < msgs[0].step <= recovered + 32
+            assert msgs[0].step == (msgs[0].epoch - 1) * spe + msgs[0].epoch_step
+            assert msgs[-1].step == total and msgs[-1].epoch == 3 and msgs[-1].epoch_end
+            for _, Xb, yb in schedule:
+                local.train_step(Xb, yb)
+            assert_same_weights(remote.get_weights(), local.get_weights())
+    finally:
+        assert proc.stop() == 0
