@@ -18,7 +18,7 @@ from gradserve.wire.specmsg import spec_to_message
 from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
 from gradserve.wire.tensor import encode_tensor
 from gradserve.server import app
-from gradserve.server.datasets import content_hash
+from gradserve.wire.dataset import content_hash
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
 from gradserve.server.servicer import TrainerServicer

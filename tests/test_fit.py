@@ -12,6 +12,7 @@ import pytest
 from gradserve.client import Client
 from gradserve.nnkernels import Model, ModelSpec, NonFiniteError
 from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.tensor import encode_tensor
 from gradserve.wire.shuffle import epoch_order, fit_batches, steps_per_epoch
 from service_fixtures import ServerProcess, client, server  # noqa: F401  (fixtures)
 
@@ -88,9 +89,12 @@ def test_datasets_are_stored_once_by_content_listed_and_deleted(client):
     assert other.dataset_id != first.dataset_id
     assert {first.dataset_id, other.dataset_id} <= {d.dataset_id for d in client.list_datasets()}
     assert client.get_dataset(first.dataset_id) == first
-    # uploads of many chunks (a small message limit) store the same content
+    # an upload in many chunks (a small message limit) stores the same content as one chunk
+    X2, y2 = data(91, seed=12)
     with Client(client.target, max_message_mb=0.001) as small:
-        assert small.upload_dataset(X, y).dataset_id == first.dataset_id
+        chunked = small.upload_dataset(X2, y2)
+    whole = client._stub.UploadDataset(iter([pb.DatasetChunk(inputs=encode_tensor(X2), targets=encode_tensor(y2))]))
+    assert whole.dataset_id == chunked.dataset_id and whole.rows == 91
     client.delete_dataset(other.dataset_id)
     with pytest.raises(grpc.RpcError) as err:
         client.get_dataset(other.dataset_id)

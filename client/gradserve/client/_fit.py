@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.dataset import content_hash, dataset_id
 from gradserve.wire.tensor import encode_tensor, wire_array
 
 
@@ -28,11 +29,21 @@ def dataset_info(msg: pb.DatasetInfo) -> DatasetInfo:
                        tuple(msg.targets_shape), msg.nbytes, msg.created_unix, msg.name)
 
 
-def dataset_chunks(X, y, max_message_bytes: int, name: str = ""):
-    """DatasetChunk messages of as many rows as fit in half the message limit."""
+def wire_arrays(X, y) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) as they travel (and as the server stores and hashes them)."""
     X, y = wire_array(X, "inputs"), wire_array(y, "targets")
     if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
         raise ValueError(f"a data set needs X (n, features) and y with the same n >= 1; got {X.shape} and {y.shape}")
+    return X, y
+
+
+def content_id(X: np.ndarray, y: np.ndarray) -> str:
+    """The dataset_id the server gives (X, y) (wire arrays)."""
+    return dataset_id(content_hash(X, y))
+
+
+def dataset_chunks(X, y, max_message_bytes: int, name: str = ""):
+    """DatasetChunk messages of as many rows as fit in half the message limit."""
     row_bytes = max(1, X[0].nbytes + y[0].nbytes)
     rows = max(1, (max_message_bytes // 2) // row_bytes)
     for i in range(0, len(X), rows):

@@ -71,6 +71,12 @@ class AsyncClient(_Connection):
     # -- data sets (server-side fit) ------------------------------------------------
     async def upload_dataset(self, X, y, *, name: str = "", timeout: float | None = None) -> DatasetInfo:
         """As ``Client.upload_dataset``."""
+        X, y = _fit.wire_arrays(X, y)
+        try:
+            return await self.get_dataset(_fit.content_id(X, y))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:

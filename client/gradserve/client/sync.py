@@ -146,8 +146,15 @@ class Client(_Connection):
     def upload_dataset(self, X, y, *, name: str = "", timeout: float | None = None) -> DatasetInfo:
         """Stores (X, y) on the server (streamed in chunks under the message
         limit) for ``RemoteModel.fit`` on any model; the same content is
-        stored once, so uploading it again returns the same ``dataset_id``.
+        stored once: when the server holds it (same content hash), nothing
+        is sent and its ``dataset_id`` is returned.
         Retried on UNAVAILABLE (an upload is idempotent)."""
+        X, y = _fit.wire_arrays(X, y)
+        try:  # already stored: nothing to send
+            return self.get_dataset(_fit.content_id(X, y))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:

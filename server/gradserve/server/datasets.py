@@ -8,7 +8,6 @@ size counts against ``--max-dataset-mb`` and, with every other stored data
 set, ``--max-datasets-mb``."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -16,6 +15,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from gradserve.wire.dataset import content_hash, dataset_id as id_of
 
 from .limits import Limits
 from .store import SqliteStore
@@ -50,15 +51,6 @@ class DatasetInfo:
         return self.inputs_shape[0]
 
 
-def content_hash(X: np.ndarray, y: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in (X, y):
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        h.update(json.dumps([a.dtype.str, list(a.shape)]).encode())
-        h.update(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
-    return h.hexdigest()
-
-
 def _info(dataset_id, digest, name, created, nbytes, layout) -> DatasetInfo:
     shapes = {n: (dt, tuple(shape)) for n, dt, shape in layout}
     return DatasetInfo(dataset_id, digest, name, created, nbytes, shapes["inputs"][1], np.dtype(shapes["inputs"][0]).name,
@@ -87,7 +79,7 @@ class DatasetCatalog:
         nbytes = X.nbytes + y.nbytes
         self.limits.check_dataset(nbytes)
         digest = content_hash(X, y)
-        dataset_id = "ds-" + digest[:32]
+        dataset_id = id_of(digest)
         with self._lock:
             known = self._infos.get(dataset_id)
             if known is not None:
