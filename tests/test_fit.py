@@ -274,3 +274,54 @@ def test_sigkill_during_a_fit_then_restart_keeps_its_reported_steps_and_the_fit_
             assert_same_weights(remote.get_weights(), local.get_weights())
     finally:
         assert proc.stop() == 0
+
+
+def train_steps_total(server) -> float:
+    import urllib.request
+    url = re.search(r"event=metrics url=(\S+)", server.log()).group(1)
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return float(re.search(r"^gradserve_train_steps_total (\S+)$", text, re.M).group(1))
+
+
+def test_predict_during_a_fit_sees_whole_steps_only_and_steps_are_counted(server, client):
+    X, y = data(2_000, seed=8)
+    probe = X[:5]
+    remote = client.create_model(**SPEC)
+    before = train_steps_total(server)
+    seen, done = [], threading.Event()
+    thread = threading.Thread(target=lambda: (remote.fit(X, y, epochs=2, batch_size=4, seed=2, progress=False),
+                                              done.set()))
+    thread.start()
+    while not done.is_set():
+        seen.append(remote.predict(probe).tobytes())
+    thread.join(120)
+    assert done.is_set() and len(set(seen)) > 2  # predictions came from several states of the model
+    local = local_twin(remote)
+    states = {local.predict(probe).tobytes()}
+    for _, Xb, yb in fit_batches(X, y, epochs=2, batch_size=4, seed=2):
+        local.train_step(Xb, yb)
+        states.add(local.predict(probe).tobytes())
+    assert set(seen) <= states  # each one is the model after a whole number of steps
+    assert train_steps_total(server) - before >= 1_000
+
+
+def test_a_data_set_a_fit_trains_on_cannot_be_deleted_meanwhile(client):
+    X, y = data(20_000, seed=9)
+    remote = client.create_model(**SPEC)
+    dataset = client.upload_dataset(X, y)
+    call = client._stub.Fit(pb.FitRequest(model_id=remote.model_id, dataset_id=dataset.dataset_id, epochs=20,
+                                          batch_size=4, progress_every_steps=32))
+    next(call)
+    with pytest.raises(grpc.RpcError) as err:
+        client.delete_dataset(dataset.dataset_id)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and dataset.dataset_id in err.value.details()
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while True:  # the Fit lets go of it at its next run boundary
+        try:
+            client.delete_dataset(dataset.dataset_id)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
+            time.sleep(0.05)
+    assert dataset.dataset_id not in {d.dataset_id for d in client.list_datasets()}

@@ -124,10 +124,12 @@ def _predict(registry: ModelRegistry, handle: ModelHandle, X: np.ndarray) -> np.
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: Callable[[], bool]) -> Iterator[Progress]:
+def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: Callable[[], bool],
+        on_steps: Callable[[int], None] | None = None) -> Iterator[Progress]:
     """Runs the Fit, yielding Progress (each sent once its steps are durable).
     Stops when ``is_active()`` turns false (at a run boundary). Raises
-    NonFiniteError/StateOverflow (the model at its last finite step)."""
+    NonFiniteError/StateOverflow (the model at its last finite step).
+    ``on_steps(n)`` is told of every run's n applied steps (metrics)."""
     p.check(registry)
     info = registry.datasets.info(p.dataset_id)
     _check_fits(registry, handle, info, "dataset_id")
@@ -169,6 +171,8 @@ def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: C
                     single_until = b + n
                     continue
                 commit.wait()
+                if on_steps is not None and r.results:
+                    on_steps(len(r.results))
                 for result, k in zip(r.results, r.rows):
                     loss_sum += result.loss * k
                     rows += k

@@ -292,7 +292,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             patience=request.patience, min_delta=request.min_delta,
             restore_best_weights=request.restore_best_weights, progress_every_steps=request.progress_every_steps,
             start_step=request.start_step if request.HasField("start_step") else None)
-        for p in fitting.fit(self.registry, handle, params, context.is_active):
+        on_steps = self.metrics.train_steps.inc if self.metrics is not None else None
+        for p in fitting.fit(self.registry, handle, params, context.is_active, on_steps):
             msg = pb.FitProgress(epoch=p.epoch, epoch_step=p.epoch_step, steps_per_epoch=p.steps_per_epoch,
                                  step=p.step, loss=p.loss, lr=p.lr, epoch_end=p.epoch_end,
                                  stopped_early=p.stopped_early, best_epoch=p.best_epoch,
