@@ -39,6 +39,7 @@ mutations since (the same replay), and the call is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -244,9 +245,9 @@ class ModelRegistry:
             WriteAheadLog(self.log_dir, segment_bytes=int(durability.segment_mb * (1 << 20)))
             if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
-        self._lock = threading.Lock()  # guards _models only
+        self._lock = threading.Lock()  # guards _models and _datasets_in_use
         self.datasets = DatasetCatalog(store, limits)
-        self._datasets_in_use: dict[str, int] = {}  # data set id -> Fits running on it (guarded by _lock)
+        self._datasets_in_use: dict[str, int] = {}  # data set id -> Fit calls training on it
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._snapshotter: threading.Thread | None = None
@@ -680,37 +681,44 @@ class ModelRegistry:
         return self._mutate(handle, lambda uid, version, step: mutations.fit_steps(uid, version, step, source,
                                                                                   **fields))
 
+    @contextlib.contextmanager
     def use_datasets(self, ids: list[str]):
-        """Context manager: DeleteDataset refuses these data sets while it is open."""
-        registry = self
-
-        class _Use:
-            def __enter__(self):
-                with registry._lock:
-                    for i in ids:
-                        registry._datasets_in_use[i] = registry._datasets_in_use.get(i, 0) + 1
-
-            def __exit__(self, *exc):
-                with registry._lock:
-                    for i in ids:
-                        registry._datasets_in_use[i] -= 1
-                        if not registry._datasets_in_use[i]:
-                            del registry._datasets_in_use[i]
-        return _Use()
+        """While open, DeleteDataset refuses these data sets (raises
+        DatasetNotFound when one is gone already)."""
+        with self._lock:
+            for i in ids:
+                self.datasets.info(i)
+            for i in ids:
+                self._datasets_in_use[i] = self._datasets_in_use.get(i, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for i in ids:
+                    self._datasets_in_use[i] -= 1
+                    if not self._datasets_in_use[i]:
+                        del self._datasets_in_use[i]
 
     def delete_dataset(self, dataset_id: str) -> None:
         """Deletes a data set no Fit is using. Every changed model is
         snapshotted first, so no log record a recovery replays names it."""
         self.datasets.info(dataset_id)
-        with self._lock:
-            if self._datasets_in_use.get(dataset_id):
-                raise DatasetInUse(f"dataset_id: data set {dataset_id!r} is being trained on by "
-                                   f"{self._datasets_in_use[dataset_id]} Fit call(s); cancel them first")
+        self._refuse_in_use(dataset_id)
         if self.store is not None and self.durability.mode != "none":
             for h in self.handles():
                 if h.model is not None and not h.deleted:
                     self.snapshot(h, persist=True, unpin=True)
-        self.datasets.delete(dataset_id)
+        with self._lock:  # no Fit starts on it between the check and the delete
+            self._refuse_in_use(dataset_id, locked=True)
+            self.datasets.delete(dataset_id)
+
+    def _refuse_in_use(self, dataset_id: str, locked: bool = False) -> None:
+        if not locked:
+            with self._lock:
+                return self._refuse_in_use(dataset_id, True)
+        if self._datasets_in_use.get(dataset_id):
+            raise DatasetInUse(f"dataset_id: data set {dataset_id!r} is being trained on by "
+                               f"{self._datasets_in_use[dataset_id]} Fit call(s); cancel them first")
 
     # -- reads -------------------------------------------------------------------------------
     def gradients(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray):
