@@ -125,10 +125,11 @@ def test_fit_refuses_unknown_or_unfitting_data_sets_naming_both(client):
     assert remote.step == 0
 
 
-def test_data_set_limits_are_refused_naming_the_flag(tmp_path):
-    proc = ServerProcess(tmp_path / "g.db", "--max-dataset-mb", "0.01", "--max-datasets-mb", "0.015")
+def test_data_set_limits_are_refused_naming_the_flag_and_the_new_rpcs_need_the_token(tmp_path):
+    proc = ServerProcess(tmp_path / "g.db", "--max-dataset-mb", "0.01", "--max-datasets-mb", "0.015",
+                         "--auth-token", "sesame")
     try:
-        with Client(proc.target, timeout=30) as c:
+        with Client(proc.target, timeout=30, token="sesame") as c:
             c.upload_dataset(*data(300))  # 300 * (24 + 8) bytes: under 0.01 MiB
             with pytest.raises(grpc.RpcError) as err:
                 c.upload_dataset(*data(400, seed=1))
@@ -138,8 +139,30 @@ def test_data_set_limits_are_refused_naming_the_flag(tmp_path):
                 c.upload_dataset(*data(300, seed=2))
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-datasets-mb" in err.value.details()
+        with Client(proc.target, timeout=30) as anonymous:  # the streaming RPCs are guarded like the rest
+            chunk = pb.DatasetChunk(inputs=encode_tensor(data(3)[0]), targets=encode_tensor(data(3)[1]))
+            for call in (lambda: anonymous._stub.UploadDataset(iter([chunk])),
+                         lambda: list(anonymous._stub.Fit(pb.FitRequest(model_id="m", dataset_id="d")))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         assert proc.stop() == 0
+
+
+def test_an_upload_whose_chunks_disagree_is_refused_naming_the_field(client):
+    X, y = data(10)
+    chunks = [pb.DatasetChunk(inputs=encode_tensor(X[:5]), targets=encode_tensor(y[:5])),
+              pb.DatasetChunk(inputs=encode_tensor(X[5:].astype(np.float64)), targets=encode_tensor(y[5:]))]
+    with pytest.raises(grpc.RpcError) as err:
+        client._stub.UploadDataset(iter(chunks))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("inputs:") and "chunk 1" in err.value.details()
+    bad = X.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(grpc.RpcError) as err:
+        client.upload_dataset(bad, y)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.value.details()
 
 
 def test_early_stopping_restores_the_weights_of_the_best_validation_epoch(client):
