@@ -41,9 +41,11 @@ def calls(model_id):
     create = pb.CreateModelRequest()
     spec_to_message(SPEC, create.spec)
     set_weights = pb.SetWeightsRequest(model_id=model_id)
+    apply_gradients = pb.ApplyGradientsRequest(model_id=model_id)
     for name, shape in [("layers.0.weight", (4, 3)), ("layers.0.bias", (4,)), ("layers.1.weight", (2, 4)),
                         ("layers.1.bias", (2,))]:
         set_weights.weights.add(name=name, tensor=encode_tensor(np.zeros(shape, np.float32)))
+        apply_gradients.gradients.add(name=name, tensor=encode_tensor(np.ones(shape, np.float32)))
     return {
         "CreateModel": ("create", create),
         "TrainStep": ("train_step", train_request(model_id)),
@@ -57,6 +59,15 @@ def calls(model_id):
         "GetWeights": ("get_weights", pb.GetWeightsRequest(model_id=model_id)),
         "SetWeights": ("set_weights", set_weights),
         "SaveModel": ("save", pb.SaveModelRequest(model_id=model_id)),
+        "SetOptimizer": ("set_optimizer", pb.SetOptimizerRequest(model_id=model_id,
+                                                                 optimizer=pb.OptimizerSpec(lr=0.5))),
+        "SaveCheckpoint": ("save_checkpoint", pb.SaveCheckpointRequest(model_id=model_id, tag="t")),
+        "ListCheckpoints": ("list_checkpoints", pb.ListCheckpointsRequest(model_id=model_id)),
+        "RestoreCheckpoint": ("restore_checkpoint", pb.RestoreCheckpointRequest(model_id=model_id, tag="t")),
+        "ApplyGradients": ("apply_gradients", apply_gradients),
+        "AccumulateGradients": ("accumulate_gradients", pb.AccumulateGradientsRequest(
+            model_id=model_id, inputs=encode_tensor(X), targets=encode_tensor(Y))),
+        "OptimizerStep": ("optimizer_step", pb.OptimizerStepRequest(model_id=model_id)),
         # data sets and Fit: the ``model_id`` fixture stores (X, Y) as DATASET_ID
         "UploadDataset": ("datasets.put", iter([pb.DatasetChunk(inputs=encode_tensor(X), targets=encode_tensor(Y))])),
         "ListDatasets": ("datasets.infos", pb.ListDatasetsRequest()),
@@ -84,6 +95,8 @@ def servicer(tmp_path):
 @pytest.fixture
 def model_id(servicer):
     handle, _ = servicer.registry.create(SPEC, "m")
+    servicer.registry.save_checkpoint(handle, "t")  # for RestoreCheckpoint
+    servicer.registry.accumulate_gradients(handle, X, Y)  # for OptimizerStep
     servicer.registry.datasets.put(X, Y.astype(np.int64))
     return handle.model_id
 

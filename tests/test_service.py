@@ -168,6 +168,8 @@ def test_reflection_lists_the_trainer_and_all_its_methods(server):
         assert {m.name for m in service.methods} == {
             "CreateModel", "TrainStep", "Predict", "GetGradients", "GetModel", "ListModels", "DeleteModel",
             "GetWeights", "SetWeights", "SaveModel", "TrainStream",
+            "SetOptimizer", "SaveCheckpoint", "ListCheckpoints", "RestoreCheckpoint",
+            "ApplyGradients", "AccumulateGradients", "OptimizerStep",
             "UploadDataset", "ListDatasets", "GetDataset", "DeleteDataset", "Fit"}
 
 

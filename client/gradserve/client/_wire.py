@@ -288,3 +288,23 @@ def check_fit_args(X, y, epochs: int, batch_size: int):
     if epochs < 1 or batch_size < 1:
         raise ValueError("epochs and batch_size must be >= 1")
     return X, y, math.ceil(len(X) / batch_size)
+
+
+def set_optimizer_request(model_id: str, changes: dict) -> pb.SetOptimizerRequest:
+    """SetOptimizer with the hyper-parameters in ``changes`` set (ValueError
+    naming an unknown one)."""
+    req = pb.SetOptimizerRequest(model_id=model_id)
+    req.optimizer.CopyFrom(spec_to_message({"optimizer": changes}).optimizer)
+    return req
+
+
+def apply_gradients_request(model_id: str, grads: dict) -> pb.ApplyGradientsRequest:
+    req = pb.ApplyGradientsRequest(model_id=model_id)
+    for name, g in grads.items():
+        encode_tensor(np.asarray(g), name, req.gradients.add(name=name).tensor)
+    return req
+
+
+def accumulate_request(model_id: str, X, y) -> pb.AccumulateGradientsRequest:
+    return pb.AccumulateGradientsRequest(model_id=model_id, inputs=encode_tensor(np.asarray(X), "inputs"),
+                                         targets=encode_tensor(np.asarray(y), "targets"))

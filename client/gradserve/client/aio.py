@@ -148,6 +148,38 @@ class AsyncRemoteModel:
     async def save(self) -> int:
         return (await self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id))).step
 
+    # -- optimizer hyper-parameters and named checkpoints (see RemoteModel) ------------
+    async def set_optimizer(self, **changes) -> dict:
+        resp = await self.client._call("SetOptimizer", _wire.set_optimizer_request(self.model_id, changes))
+        self.info = _wire.model_info(resp)
+        return self.info.spec["optimizer"]
+
+    async def save_checkpoint(self, tag: str) -> int:
+        req = pb.SaveCheckpointRequest(model_id=self.model_id, tag=tag)
+        return (await self.client._call("SaveCheckpoint", req)).step
+
+    async def list_checkpoints(self) -> list[tuple[str, int, float]]:
+        resp = await self.client._call("ListCheckpoints", pb.ListCheckpointsRequest(model_id=self.model_id))
+        return [(c.tag, c.step, c.saved_unix) for c in resp.checkpoints]
+
+    async def apply_gradients(self, grads: dict, *, timeout: float | None = None) -> StepResult:
+        req = _wire.apply_gradients_request(self.model_id, grads)
+        return _wire.step_result(await self.client._call("ApplyGradients", req, timeout))
+
+    async def accumulate_gradients(self, X, y, *, timeout: float | None = None) -> int:
+        req = _wire.accumulate_request(self.model_id, X, y)
+        return (await self.client._call("AccumulateGradients", req, timeout)).rows
+
+    async def optimizer_step(self, *, timeout: float | None = None) -> StepResult:
+        req = pb.OptimizerStepRequest(model_id=self.model_id)
+        return _wire.step_result(await self.client._call("OptimizerStep", req, timeout))
+
+    async def restore_checkpoint(self, tag: str) -> int:
+        req = pb.RestoreCheckpointRequest(model_id=self.model_id, tag=tag)
+        resp = await self.client._call("RestoreCheckpoint", req)
+        await self.refresh()
+        return resp.checkpoint_step
+
     async def delete(self) -> None:
         await self.client.delete_model(self.model_id)
 

@@ -26,8 +26,9 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # connection lost after the server received (and maybe applied) the call:
 # retrying then would train twice on the batch. So a TrainStep is retried
 # only when the server marked the failure retry-safe (it refused the call
-# before touching any model: warming up, shutting down).
-NOT_IDEMPOTENT = frozenset({"TrainStep"})
+# before touching any model: warming up, shutting down). The same holds for
+# the gradient calls, which carry no expected step.
+NOT_IDEMPOTENT = frozenset({"TrainStep", "ApplyGradients", "AccumulateGradients", "OptimizerStep"})
 
 
 def retryable(method: str, exc: grpc.RpcError) -> bool:
@@ -267,6 +268,53 @@ class RemoteModel:
         """Checkpoints the model to the server's store now; returns the step saved."""
         return self.client._call("SaveModel", pb.SaveModelRequest(model_id=self.model_id)).step
 
+    # -- optimizer hyper-parameters and named checkpoints ----------------------------
+    def set_optimizer(self, **changes) -> dict:
+        """Changes optimizer hyper-parameters from the next step on (e.g.
+        ``lr=1e-4``; see SetOptimizer for which may change); a new lr
+        replaces ``optimizer.lr``, the base of the schedule. Returns the
+        optimizer now in force (the spec's ``optimizer`` part)."""
+        self.info = _wire.model_info(self.client._call("SetOptimizer",
+                                                       _wire.set_optimizer_request(self.model_id, changes)))
+        return self.info.spec["optimizer"]
+
+    def save_checkpoint(self, tag: str) -> int:
+        """Stores the whole state (parameters, optimizer state and
+        hyper-parameters) on the server under ``tag``; returns its step."""
+        return self.client._call("SaveCheckpoint", pb.SaveCheckpointRequest(model_id=self.model_id, tag=tag)).step
+
+    def list_checkpoints(self) -> list[tuple[str, int, float]]:
+        """[(tag, step, saved unix time)], oldest first."""
+        resp = self.client._call("ListCheckpoints", pb.ListCheckpointsRequest(model_id=self.model_id))
+        return [(c.tag, c.step, c.saved_unix) for c in resp.checkpoints]
+
+    # -- gradients in and out (PyTorch's param.grad = g; optimizer.step()) --------------
+    def apply_gradients(self, grads: dict, *, timeout: float | None = None) -> StepResult:
+        """One optimizer step on ``grads`` ({parameter name: gradient}, every
+        parameter), with the model's clipping and schedule; ``loss`` is NaN."""
+        resp = self.client._call("ApplyGradients", _wire.apply_gradients_request(self.model_id, grads), timeout)
+        return _wire.step_result(resp)
+
+    def accumulate_gradients(self, X, y, *, timeout: float | None = None) -> int:
+        """Adds rows · (the batch's mean-loss gradient) to the model's
+        accumulation; returns the rows accumulated so far. Lost if the server
+        restarts before ``optimizer_step``."""
+        req = _wire.accumulate_request(self.model_id, X, y)
+        return self.client._call("AccumulateGradients", req, timeout).rows
+
+    def optimizer_step(self, *, timeout: float | None = None) -> StepResult:
+        """One step on the accumulated gradients' row-weighted mean (the mean
+        loss over every accumulated row); ``loss`` is that mean loss."""
+        resp = self.client._call("OptimizerStep", pb.OptimizerStepRequest(model_id=self.model_id), timeout)
+        return _wire.step_result(resp)
+
+    def restore_checkpoint(self, tag: str) -> int:
+        """Puts back the state saved under ``tag`` (the step count goes on);
+        returns the step it was saved at."""
+        resp = self.client._call("RestoreCheckpoint", pb.RestoreCheckpointRequest(model_id=self.model_id, tag=tag))
+        self.refresh()
+        return resp.checkpoint_step
+
     def delete(self) -> None:
         self.client.delete_model(self.model_id)
 
@@ -327,7 +375,8 @@ class RemoteModel:
     def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data=None, seed: int | None = None, progress: bool = True,
             timeout: float | None = None, server_side: bool = True, patience: int = 0, min_delta: float = 0.0,
-            restore_best_weights: bool = False, progress_every_steps: int = 0) -> dict[str, list[float]]:
+            restore_best_weights: bool = False, progress_every_steps: int = 0,
+            callbacks=()) -> dict[str, list[float]]:
         """Trains for ``epochs`` passes over (X, y) in batches, shuffled each
         epoch by ``gradserve.wire.shuffle.epoch_order(seed, epoch)`` when
         ``shuffle`` (a random seed when None), with a tqdm progress bar.
@@ -342,14 +391,20 @@ class RemoteModel:
         ``restore_best_weights`` need it. When the call breaks with
         UNAVAILABLE (a server restart) it is sent again and continues where
         the model is. ``server_side=False`` streams every batch through
-        TrainStream instead (the same batches, so the same result)."""
+        TrainStream instead (the same batches, so the same result).
+        ``callbacks``: ``gradserve.client.callbacks`` objects (EarlyStopping,
+        ReduceLROnPlateau, BestCheckpoint...), called after each epoch with
+        its history values and ``lr``; one may stop training early. They
+        run on the client between epochs, so with callbacks the fit streams
+        per batch (as ``server_side=False``)."""
         X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
         seed = _fit.fit_seed(seed)
-        if not server_side:
+        if not server_side or callbacks:
             _fit.check_server_side_only(patience=patience, min_delta=min_delta,
                                         restore_best_weights=restore_best_weights,
                                         progress_every_steps=progress_every_steps)
-            return self._fit_per_batch(X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout)
+            return self._fit_per_batch(X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout,
+                                       callbacks)
         from tqdm.auto import tqdm
 
         client = self.client
@@ -387,13 +442,18 @@ class RemoteModel:
         finally:
             bar.close()
 
-    def _fit_per_batch(self, X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout):
+    def _fit_per_batch(self, X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout,
+                       callbacks=()):
         from tqdm.auto import tqdm
 
+        from .callbacks import CallbackList
+
+        hooks = CallbackList(callbacks)
         steps_per_epoch = shuffle_schedule.steps_per_epoch(len(X), batch_size)
         history: dict[str, list[float]] = {}
         bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
                    desc=f"fit {self.model_id}")
+        hooks.train_begin(self)
         try:
             for epoch in range(epochs):
                 order = shuffle_schedule.epoch_order(seed, epoch, len(X), shuffle)
@@ -413,6 +473,9 @@ class RemoteModel:
                 for key, value in metrics.items():
                     history.setdefault(key, []).append(value)
                 bar.set_postfix({"epoch": epoch + 1, **{k: f"{v:.4g}" for k, v in metrics.items()}})
+                if hooks.epoch_end(epoch, {**metrics, "lr": result.lr}, self):
+                    break
         finally:
             bar.close()
+        hooks.train_end(self)
         return history

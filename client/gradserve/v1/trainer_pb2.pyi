@@ -324,6 +324,94 @@ class SaveModelResponse(_message.Message):
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
+class SetOptimizerRequest(_message.Message):
+    __slots__ = ("model_id", "optimizer")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    optimizer: OptimizerSpec
+    def __init__(self, model_id: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ...) -> None: ...
+
+class Checkpoint(_message.Message):
+    __slots__ = ("tag", "step", "saved_unix")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    step: int
+    saved_unix: float
+    def __init__(self, tag: _Optional[str] = ..., step: _Optional[int] = ..., saved_unix: _Optional[float] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("model_id", "tag")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    tag: str
+    def __init__(self, model_id: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class ListCheckpointsResponse(_message.Message):
+    __slots__ = ("checkpoints",)
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    checkpoints: _containers.RepeatedCompositeFieldContainer[Checkpoint]
+    def __init__(self, checkpoints: _Optional[_Iterable[_Union[Checkpoint, _Mapping]]] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("model_id", "tag")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    tag: str
+    def __init__(self, model_id: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class RestoreCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint_step", "step")
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_step: int
+    step: int
+    def __init__(self, checkpoint_step: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("model_id", "gradients")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    gradients: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, model_id: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class AccumulateGradientsRequest(_message.Message):
+    __slots__ = ("model_id", "inputs", "targets")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    inputs: Tensor
+    targets: Tensor
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AccumulateGradientsResponse(_message.Message):
+    __slots__ = ("rows", "loss", "step")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    loss: float
+    step: int
+    def __init__(self, rows: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+
+class OptimizerStepRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
 class DatasetChunk(_message.Message):
     __slots__ = ("inputs", "targets", "name")
     INPUTS_FIELD_NUMBER: _ClassVar[int]

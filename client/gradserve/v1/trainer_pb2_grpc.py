@@ -91,6 +91,41 @@ class TrainerStub(object):
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.SetOptimizer = channel.unary_unary(
+                '/gradserve.v1.Trainer/SetOptimizer',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/gradserve.v1.Trainer/SaveCheckpoint',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.Checkpoint.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/gradserve.v1.Trainer/ListCheckpoints',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/gradserve.v1.Trainer/RestoreCheckpoint',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ApplyGradients = channel.unary_unary(
+                '/gradserve.v1.Trainer/ApplyGradients',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
+        self.AccumulateGradients = channel.unary_unary(
+                '/gradserve.v1.Trainer/AccumulateGradients',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.FromString,
+                _registered_method=True)
+        self.OptimizerStep = channel.unary_unary(
+                '/gradserve.v1.Trainer/OptimizerStep',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/gradserve.v1.Trainer/UploadDataset',
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.DatasetChunk.SerializeToString,
@@ -194,6 +229,61 @@ class TrainerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOptimizer(self, request, context):
+        """-- optimizer hyper-parameters and named checkpoints (callbacks in fit)
+        Changes optimizer hyper-parameters from the next step on; logged, so a
+        restart replays it. A new lr replaces optimizer.lr, the base of the
+        schedule. Replies with the model, its spec showing the new values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Stores the model's state (parameters, optimizer state and
+        hyper-parameters) under a tag, replacing what the tag held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Puts a tag's state back (a logged mutation); the step counter keeps counting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyGradients(self, request, context):
+        """-- gradients in and out: PyTorch's `param.grad = g; optimizer.step()`,
+        with the model's clipping and schedule. Logged, replayed exactly.
+        One optimizer step on the caller's gradients (loss in the reply: NaN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AccumulateGradients(self, request, context):
+        """Adds rows * (the batch's mean-loss gradient) to the model's accumulation
+        (in memory: lost on restart; begun anew once the model takes a step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimizerStep(self, request, context):
+        """One step on the accumulated gradient / rows: the mean over all rows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadDataset(self, request_iterator, context):
         """---- data sets and server-side Fit (issue 11)
         Stores a data set sent as row blocks (each chunk a few rows of inputs and
@@ -287,6 +377,41 @@ def add_TrainerServicer_to_server(servicer, server):
             'TrainStream': grpc.stream_stream_rpc_method_handler(
                     servicer.TrainStream,
                     request_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'SetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizer,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ModelInfo.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.Checkpoint.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.SerializeToString,
+            ),
+            'ApplyGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGradients,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'AccumulateGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.AccumulateGradients,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.SerializeToString,
+            ),
+            'OptimizerStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimizerStep,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
@@ -613,6 +738,195 @@ class Trainer(object):
             target,
             '/gradserve.v1.Trainer/TrainStream',
             gradserve_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/SetOptimizer',
+            gradserve_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/SaveCheckpoint',
+            gradserve_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.Checkpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/ListCheckpoints',
+            gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/RestoreCheckpoint',
+            gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.RestoreCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/ApplyGradients',
+            gradserve_dot_v1_dot_trainer__pb2.ApplyGradientsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AccumulateGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/AccumulateGradients',
+            gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.AccumulateGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizerStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/OptimizerStep',
+            gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
             gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
             options,
             channel_credentials,

@@ -79,3 +79,8 @@ def spec_to_message(data: dict[str, Any], out: pb.ModelSpec | None = None) -> pb
         else:
             raise ValueError(f"{key}: unknown field of ModelSpec")
     return msg
+
+
+def optimizer_changes(msg: pb.OptimizerSpec) -> dict[str, Any]:
+    """The fields an OptimizerSpec message sets (SetOptimizer's changes)."""
+    return _part_to_dict(msg)

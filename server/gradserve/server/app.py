@@ -52,6 +52,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    tensorboard_dir: str = ""  # "": no training curves
 
 
 def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
@@ -124,6 +125,7 @@ class GradServer:
         self._server: grpc.Server | None = None
         self.metrics = Metrics()
         self._metrics_http = None
+        self.curves = None  # TrainingCurves with --tensorboard-dir
 
     def _inference_protocol(self):
         """The V2 protocol's generated service module, with ``self.inference``
@@ -155,7 +157,11 @@ class GradServer:
         self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
                                       default_device=cfg.default_device)
         self.predictor = PredictBatcher(self.registry, cfg.batching, self.metrics.inference)
-        self.servicer = TrainerServicer(self.registry, self.metrics, self.predictor)
+        if cfg.tensorboard_dir:
+            from .curves import TrainingCurves
+            self.curves = TrainingCurves(cfg.tensorboard_dir)
+            log.info("event=training_curves dir=%s", cfg.tensorboard_dir)
+        self.servicer = TrainerServicer(self.registry, self.metrics, self.predictor, self.curves)
         inference_pb_grpc = self._inference_protocol()
         self.metrics.models = lambda: len(self.registry.handles())
         self.metrics.durability_stats = self.registry.stats
@@ -228,6 +234,8 @@ class GradServer:
             self.servicer.ready.clear()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        if self.curves is not None:
+            self.curves.close()
         if self.registry is not None:
             written = self.registry.close()
             log.info("event=checkpointed models=%d", written)

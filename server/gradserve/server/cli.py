@@ -57,6 +57,8 @@ SERVE_FLAGS = [
     ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
     ("tls-key", str, "", "PEM private key for --tls-cert"),
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    ("tensorboard-dir", str, "", "write each model's loss, accuracy, lr and gradient norm per step as TensorBoard "
+                                 "event files, one run directory per model (needs gradserve[tensorboard])"),
 ]
 CHOICES = {"durability": ("step", "interval", "none"), "sqlite-sync": ("", "full", "normal"),
            "log-format": ("kv", "json"), "dynamic-batching": ("on", "off"),
@@ -105,7 +107,7 @@ def config_from_args(args):
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=args.auth_token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        batching=batching_from_args(args))
+        batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir)
 
 
 def batching_from_args(args):

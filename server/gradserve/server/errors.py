@@ -30,8 +30,8 @@ from gradserve.wire.tensor import TensorError
 from .batching import CallCancelled, CallDeadlineExceeded
 from .limits import LimitExceeded
 from .datasets import DatasetNotFound
-from .registry import (DatasetInUse, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable, ShuttingDown,
-                       StepConflict)
+from .registry import (CheckpointNotFound, DatasetInUse, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable,
+                       NothingAccumulated, ShuttingDown, StepConflict)
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -59,14 +59,15 @@ class NotServing(Exception):
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
-    ((ModelNotFound, VersionNotFound, DatasetNotFound), grpc.StatusCode.NOT_FOUND, False),
+    ((ModelNotFound, VersionNotFound, CheckpointNotFound, DatasetNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     (CallCancelled, grpc.StatusCode.CANCELLED, False),
     (ModelExists, grpc.StatusCode.ALREADY_EXISTS, False),
     # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
     (StepConflict, grpc.StatusCode.ABORTED, False),
-    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff, DatasetInUse),
+    ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff,
+      NothingAccumulated, DatasetInUse),
      grpc.StatusCode.FAILED_PRECONDITION, False),
     ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
 )

@@ -19,6 +19,7 @@ kind it does not know stops that model's replay there and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from typing import Callable
 
 import numpy as np
 
-from gradserve.nnkernels import Model, NonFiniteError
+from gradserve.nnkernels import InputError, Model, NonFiniteError, OptimizerSpec
+from gradserve.nnkernels.reference import state_names
 from gradserve.wire.shuffle import batch_index, epoch_order
 
+from . import gradients
 from .wal import checksum, pack_arrays, unpack_arrays
 
 HEADER = struct.Struct("<BBHIQQq")
@@ -36,7 +39,10 @@ FORMAT = 1
 
 TRAIN_STEP = 1
 SET_WEIGHTS = 2
-FIT_STEPS = 3  # a run of a server-side Fit's steps: its parameters, not its batches
+SET_OPTIMIZER = 3
+RESTORE_CHECKPOINT = 4
+APPLY_GRADIENTS = 5
+FIT_STEPS = 6  # a run of a server-side Fit's steps: its parameters, not its batches
 
 
 @dataclass
@@ -121,10 +127,61 @@ def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
     return out
 
 
-# kind -> (name, apply(model, mutation) -> result)
+# -- optimizer hyper-parameters and checkpoints ---------------------------------
+# A change of hyper-parameters is a new spec: the model is rebuilt on it and
+# given its state back (``apply`` returns the new Model). Only numbers that
+# keep the optimizer's state buffers may change: the name and the flags
+# (nesterov, amsgrad, centered) choose which buffers exist, momentum may not
+# cross zero for the same reason, and initial_accumulator_value only fills
+# Adagrad's sum at creation.
+FIXED_HYPERPARAMETERS = ("name", "nesterov", "amsgrad", "centered", "initial_accumulator_value")
+
+
+def changed_optimizer(current: OptimizerSpec, changes: dict) -> OptimizerSpec:
+    """``current`` with ``changes`` applied; raises InputError naming the
+    field for a fixed or unknown one, SpecError for a value out of range."""
+    names = {f.name for f in dataclasses.fields(OptimizerSpec)}
+    for key, value in changes.items():
+        if key not in names:
+            raise InputError(f"optimizer.{key}", f"is not an optimizer hyper-parameter (known: {sorted(names)})")
+        if key in FIXED_HYPERPARAMETERS and value != getattr(current, key):
+            raise InputError(f"optimizer.{key}", "cannot change after creation: it decides which optimizer "
+                             "state buffers exist")
+    new = dataclasses.replace(current, **changes)
+    new.validate("optimizer")
+    if state_names(new) != state_names(current):
+        raise InputError("optimizer.momentum", f"cannot change from {current.momentum} to {new.momentum}: "
+                         "momentum on or off decides whether a momentum buffer exists")
+    return new
+
+
+def with_optimizer(model: Model, optimizer: OptimizerSpec) -> Model:
+    """A new Model on ``model``'s spec with ``optimizer``, holding the same
+    parameters, optimizer state and step."""
+    return Model(dataclasses.replace(model.spec, optimizer=optimizer), model.state_dict())
+
+
+def _set_optimizer(model: Model, m: Mutation):
+    return with_optimizer(model, OptimizerSpec(**m.fields["optimizer"]))
+
+
+def _restore_checkpoint(model: Model, m: Mutation):
+    """The checkpoint's parameters, optimizer state and hyper-parameters; the
+    step counter keeps counting (steps name replies for exactly-once retries
+    and the schedule is a function of the step, so it goes on from here)."""
+    state = dict(m.arrays)
+    state["step"] = np.array(model.step, dtype=np.int64)
+    return Model(dataclasses.replace(model.spec, optimizer=OptimizerSpec(**m.fields["optimizer"])), state)
+
+
+# kind -> (name, apply(model, mutation) -> result, or a new Model that replaces it)
 KINDS: dict[int, tuple[str, Callable[[Model, Mutation], object]]] = {
     TRAIN_STEP: ("train_step", _train_step),
     SET_WEIGHTS: ("set_weights", _set_weights),
+    SET_OPTIMIZER: ("set_optimizer", _set_optimizer),
+    RESTORE_CHECKPOINT: ("restore_checkpoint", _restore_checkpoint),
+    APPLY_GRADIENTS: ("apply_gradients", lambda model, m: gradients.apply_gradients(
+        model, m.arrays["gradients"], m.fields["loss"])),
     FIT_STEPS: ("fit_steps", _fit_steps),
 }
 
@@ -137,6 +194,25 @@ def set_weights(uid: int, version: int, step: int, weights: dict) -> Mutation:
     return Mutation(SET_WEIGHTS, uid, version, step, dict(weights))
 
 
+def set_optimizer(uid: int, version: int, step: int, optimizer: OptimizerSpec) -> Mutation:
+    return Mutation(SET_OPTIMIZER, uid, version, step, {}, {"optimizer": dataclasses.asdict(optimizer)})
+
+
+def restore_checkpoint(uid: int, version: int, step: int, tag: str, state: dict,
+                       optimizer: OptimizerSpec) -> Mutation:
+    """The record carries the checkpoint's state itself, so a replay does not
+    depend on the tag still holding it."""
+    arrays = {k: v for k, v in state.items() if k != "step"}
+    return Mutation(RESTORE_CHECKPOINT, uid, version, step, arrays,
+                    {"tag": tag, "optimizer": dataclasses.asdict(optimizer)})
+
+
+def apply_gradients(uid: int, version: int, step: int, flat: np.ndarray, loss: float) -> Mutation:
+    """ApplyGradients, or OptimizerStep with the accumulated mean: the flat
+    gradient the step uses (the reported loss rides along: NaN when unknown)."""
+    return Mutation(APPLY_GRADIENTS, uid, version, step, {"gradients": flat}, {"loss": loss})
+
+
 def fit_steps(uid: int, version: int, step: int, source: tuple, *, dataset: str, seed: int, shuffle: bool,
               epoch: int, first: int, steps: int, batch_size: int) -> Mutation:
     return Mutation(FIT_STEPS, uid, version, step, {},
@@ -144,7 +220,12 @@ def fit_steps(uid: int, version: int, step: int, source: tuple, *, dataset: str,
                      "steps": steps, "batch_size": batch_size}, source=source)
 
 
-def apply(model: Model, m: Mutation):
+def apply(model: Model, m: Mutation) -> tuple[Model, object]:
+    """(the model after ``m``, ``m``'s result): kinds that change the spec
+    return a new Model, the others change ``model`` in place."""
     if m.kind not in KINDS:
         raise ValueError(f"unknown mutation kind {m.kind} (known: {sorted(KINDS)})")
-    return KINDS[m.kind][1](model, m)
+    result = KINDS[m.kind][1](model, m)
+    if isinstance(result, Model):
+        return result, None
+    return model, result

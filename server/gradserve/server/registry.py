@@ -40,6 +40,7 @@ mutations since (the same replay), and the call is refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -54,10 +55,11 @@ from pathlib import Path
 import numpy as np
 
 from gradserve.nnkernels import (DeviceUnavailableError, InputError, Model, ModelSpec, NonFiniteError,
-                                 NotTrainableError, ParamLayout, StepResult)
+                                 NotTrainableError, OptimizerSpec, ParamLayout, StepResult)
 
 from . import mutations
 from .datasets import DatasetCatalog
+from .gradients import GradientAccumulator, flat_gradients
 from .limits import LimitExceeded, Limits
 from .mutations import Mutation
 from .rwlock import ReadWriteLock
@@ -99,6 +101,17 @@ class DurabilityOff(RuntimeError):
 class StateOverflow(NonFiniteError):
     """A mutation (or a spec's initialization) would leave parameters or
     optimizer state with Inf or NaN; it was not applied. Server: FAILED_PRECONDITION."""
+
+
+class CheckpointNotFound(KeyError):
+    """RestoreCheckpoint names a tag the model has no checkpoint under. Server: NOT_FOUND."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class NothingAccumulated(RuntimeError):
+    """OptimizerStep with no AccumulateGradients since the model's last step. Server: FAILED_PRECONDITION."""
 
 
 class DatasetInUse(RuntimeError):
@@ -204,13 +217,19 @@ class ModelHandle:
         self.persisted_at = time.monotonic()
         self.stored_step = 0  # for describing a model that did not load
         self.fell_back = False  # loaded from an older snapshot than the newest
+        # the spec the base state runs on: the created spec with the optimizer
+        # hyper-parameters SetOptimizer / RestoreCheckpoint gave it
+        self.base_spec: ModelSpec | None = spec
+        self.accumulator: GradientAccumulator | None = None  # AccumulateGradients' sums, in memory only
 
     @property
     def spec(self) -> ModelSpec:
         return self._spec
 
-    def set_base(self, state: dict, version: int) -> None:
+    def set_base(self, state: dict, version: int, spec: ModelSpec | None = None) -> None:
         self.base_state, self.base_version = state, version
+        if spec is not None:
+            self.base_spec = spec
         self.applied = [a for a in self.applied if a.mutation.version > version]
         self.applied_bytes = sum(a.mutation.nbytes for a in self.applied)
         self.applied_seconds = sum(a.seconds for a in self.applied)
@@ -337,7 +356,10 @@ class ModelRegistry:
             handle.stored_step = max(handle.stored_step, snap.step)
             try:
                 state, extra = snap.unpack()
-                model = Model(spec, state)
+                snap_spec = spec
+                if "optimizer" in extra:  # hyper-parameters changed by SetOptimizer
+                    snap_spec = dataclasses.replace(spec, optimizer=OptimizerSpec(**extra["optimizer"]))
+                model = Model(snap_spec, state)
             except DeviceUnavailableError as exc:  # an older snapshot would not help
                 handle.load_error = str(exc)
                 return handle
@@ -349,7 +371,7 @@ class ModelRegistry:
                 continue
             handle.model = model
             handle.version = handle.persisted_version = snap.version
-            handle.set_base(state, snap.version)
+            handle.set_base(state, snap.version, snap_spec)
             handle.kept = [(s.version, s.log_position) for s in snapshots[i:]]
             handle.fell_back = i > 0
             for step, digest, loss, accuracy, grad_norm, lr in extra.get("replies", []):
@@ -467,14 +489,17 @@ class ModelRegistry:
                     return None
                 state = handle.model.state_dict()
                 step = handle.model.step
+                model_spec = handle.model.spec
                 replies = [[s, r.digest, r.result.loss, r.result.accuracy, r.result.grad_norm, r.result.lr]
                            for s, r in handle.replies.items()]
                 position = self._next_position()
             if persist and self.store is not None:
                 t0 = time.perf_counter()
+                extra = {"replies": replies}
+                if model_spec.optimizer != handle.spec.optimizer:  # SetOptimizer's hyper-parameters
+                    extra["optimizer"] = dataclasses.asdict(model_spec.optimizer)
                 try:
-                    self.store.put_snapshot(handle.model_id, version, step, position, state,
-                                                     {"replies": replies})
+                    self.store.put_snapshot(handle.model_id, version, step, position, state, extra)
                 except KeyError:  # deleted meanwhile
                     return None
                 seconds = time.perf_counter() - t0
@@ -489,7 +514,7 @@ class ModelRegistry:
                           step, seconds)
             with handle.lock.write():
                 if version > handle.base_version:
-                    handle.set_base(state, version)
+                    handle.set_base(state, version, model_spec)
         return step
 
     def _next_position(self) -> int:
@@ -590,7 +615,7 @@ class ModelRegistry:
     def _apply_checked(self, handle: ModelHandle, m: Mutation):
         """Applies ``m``; refuses it (model as before) when it leaves a
         non-finite parameter or optimizer state."""
-        result = mutations.apply(handle.model, m)
+        handle.model, result = mutations.apply(handle.model, m)
         bad = nonfinite_parts(handle.model)
         if bad:
             self._stats["rollbacks"] += 1
@@ -604,9 +629,9 @@ class ModelRegistry:
     def _rebuild(self, handle: ModelHandle) -> None:
         """Puts the model back at its current version: the in-memory base plus
         the mutations applied since, replayed through the same kernels."""
-        model = Model(handle.spec, handle.base_state)
+        model = Model(handle.base_spec, handle.base_state)
         for a in handle.applied:
-            mutations.apply(model, a.mutation)
+            model, _ = mutations.apply(model, a.mutation)
         handle.model = model
 
     def _remember(self, handle: ModelHandle, m: Mutation, seconds: float, result, commit: Commit) -> None:
@@ -763,6 +788,110 @@ class ModelRegistry:
         if step is None:  # nothing new since the last snapshot
             step = self.describe(handle)["step"]
         return step
+
+    # -- optimizer hyper-parameters and named checkpoints ----------------------------------
+    def set_optimizer(self, handle: ModelHandle, changes: dict) -> OptimizerSpec:
+        """Changes optimizer hyper-parameters from the next step on (a logged
+        mutation; see ``mutations.changed_optimizer`` for which may change).
+        A new ``lr`` replaces the spec's ``optimizer.lr``, the base of the
+        schedule (as torch's ReduceLROnPlateau sets ``param_group['lr']``):
+        the rate of step t is then ``schedule(lr_new, t)``. Returns the
+        optimizer now in force."""
+        if not changes:
+            raise InputError("optimizer", "sets no hyper-parameter to change")
+
+        changed = []
+
+        def build(uid, version, step):  # validated under the lock, before anything is logged
+            changed.append(mutations.changed_optimizer(handle.model.spec.optimizer, changes))
+            return mutations.set_optimizer(uid, version, step, changed[0])
+
+        _, commit = self._mutate(handle, build)
+        commit.wait()
+        log.info("event=optimizer_changed model_id=%s changes=%s", handle.model_id, changes)
+        return changed[0]
+
+    # -- gradients in and out (see gradients.py for the semantics) ------------------------------
+    def apply_gradients(self, handle: ModelHandle, grads: dict):
+        """(StepResult, Commit): one optimizer step on the caller's gradients
+        (loss NaN: the caller computed them); logged with the flat gradient."""
+        def build(uid, version, step):  # validated under the lock, before anything is logged
+            return mutations.apply_gradients(uid, version, step, flat_gradients(handle.model, grads), math.nan)
+
+        return self._mutate(handle, build)
+
+    def accumulate_gradients(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray) -> tuple[int, float, int]:
+        """Adds the batch's gradient to the model's accumulation, begun anew
+        when the model took a step since; returns (rows accumulated, this
+        batch's loss, the model's step). Not logged: an unfinished
+        accumulation is lost on restart (OptimizerStep logs the result)."""
+        self.limits.check_rows(len(X) if getattr(X, "ndim", 0) else 0)
+        with handle.lock.write():  # writes the model's gradient buffer
+            model = self._usable(handle)
+            acc = handle.accumulator
+            if acc is None or acc.step != model.step:
+                acc = GradientAccumulator(model.step, np.zeros(model.num_params, np.float64))
+            before = acc.loss_sum
+            acc.add(model, X, y)
+            handle.accumulator = acc
+            return acc.rows, (acc.loss_sum - before) / len(X), model.step
+
+    def optimizer_step(self, handle: ModelHandle):
+        """(StepResult, Commit): one optimizer step on the accumulated mean
+        gradient; the accumulation is used up (also when the step is refused)."""
+        def build(uid, version, step):
+            acc, handle.accumulator = handle.accumulator, None
+            if acc is None or acc.step != step:
+                raise NothingAccumulated(f"model {handle.model_id!r}: no gradients accumulated at step {step} "
+                                         "(call AccumulateGradients first; an accumulation ends with the step "
+                                         "it was computed at, and a server restart)")
+            flat, loss = acc.mean(handle.model.dtype)
+            return mutations.apply_gradients(uid, version, step, flat, loss)
+
+        return self._mutate(handle, build)
+
+    def _checkpoint_store(self) -> SqliteStore:
+        if self.store is None:
+            raise DurabilityOff("checkpoints are kept in the store: the server runs with --durability none")
+        return self.store
+
+    def save_checkpoint(self, handle: ModelHandle, tag: str) -> int:
+        """Stores the model's whole state (parameters, optimizer state and
+        hyper-parameters) under ``tag``, replacing what it held; returns the
+        step saved. Not a mutation: the model does not change."""
+        if not MODEL_ID.match(tag):
+            raise InputError("tag", f"{tag!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
+        store = self._checkpoint_store()
+        with handle.lock.read():
+            model = self._usable(handle)
+            state, step, optimizer = model.state_dict(), model.step, model.spec.optimizer
+        try:
+            store.put_checkpoint(handle.model_id, tag, step, state, {"optimizer": dataclasses.asdict(optimizer)})
+        except KeyError:
+            raise ModelNotFound(handle.model_id) from None
+        return step
+
+    def list_checkpoints(self, handle: ModelHandle):
+        """[CheckpointInfo(tag, step, saved)], oldest first."""
+        with handle.lock.read():
+            self._usable(handle)
+        return self._checkpoint_store().checkpoints(handle.model_id)
+
+    def restore_checkpoint(self, handle: ModelHandle, tag: str) -> tuple[int, int]:
+        """Puts back the parameters, optimizer state and hyper-parameters
+        saved under ``tag`` (a logged mutation carrying that state); the step
+        counter keeps counting. Returns (the checkpoint's step, the model's step)."""
+        with handle.lock.read():
+            self._usable(handle)
+        found = self._checkpoint_store().checkpoint(handle.model_id, tag)
+        if found is None:
+            raise CheckpointNotFound(f"tag: model {handle.model_id!r} has no checkpoint {tag!r}")
+        info, state, extra = found
+        optimizer = OptimizerSpec(**extra["optimizer"])
+        _, commit = self._mutate(handle, lambda uid, version, step: mutations.restore_checkpoint(
+            uid, version, step, tag, state, optimizer))
+        commit.wait()
+        return info.step, handle.model.step
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from gradserve.wire.specmsg import spec_from_message, spec_to_message
+from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
 from gradserve.wire.tensor import decode_tensor, encode_tensor
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
@@ -27,9 +27,10 @@ STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to b
 
 
 class TrainerServicer(pb_grpc.TrainerServicer):
-    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None):
+    def __init__(self, registry: ModelRegistry, metrics=None, predictor=None, curves=None):
         self.registry = registry
         self.metrics = metrics
+        self.curves = curves  # TrainingCurves (--tensorboard-dir) or None
         # Predict's path (validation, dynamic batching), shared with the V2 protocol
         self.predictor = predictor or PredictBatcher(registry, BatchingConfig(enabled=False))
         self.ready = threading.Event()  # set once kernels are warm and stored models loaded
@@ -68,6 +69,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise
         if self.metrics is not None:
             self.metrics.step()
+        if self.curves is not None:
+            self.curves.step(request.model_id, r)
         resp = pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
         if r.accuracy is not None:
             resp.accuracy = r.accuracy
@@ -189,6 +192,8 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def DeleteModel(self, request, context):
         self._admit(request)
         self.registry.delete(request.model_id)
+        if self.curves is not None:
+            self.curves.forget(request.model_id)
         return pb.DeleteModelResponse()
 
     @rpc
@@ -216,6 +221,70 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def SaveModel(self, request, context):
         self._admit(request)
         return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id)))
+
+    # -- optimizer hyper-parameters and named checkpoints ------------------------------
+    @rpc
+    def SetOptimizer(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        self.registry.set_optimizer(handle, optimizer_changes(request.optimizer))
+        return self._info(handle)
+
+    @rpc
+    def SaveCheckpoint(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        step = self.registry.save_checkpoint(handle, request.tag)
+        return pb.Checkpoint(tag=request.tag, step=step, saved_unix=time.time())
+
+    @rpc
+    def ListCheckpoints(self, request, context):
+        self._admit(request)
+        infos = self.registry.list_checkpoints(self.registry.get(request.model_id))
+        return pb.ListCheckpointsResponse(checkpoints=[pb.Checkpoint(tag=c.tag, step=c.step, saved_unix=c.saved)
+                                                       for c in infos])
+
+    @rpc
+    def RestoreCheckpoint(self, request, context):
+        self._admit(request)
+        saved_step, step = self.registry.restore_checkpoint(self.registry.get(request.model_id), request.tag)
+        return pb.RestoreCheckpointResponse(checkpoint_step=saved_step, step=step)
+
+    # -- gradients in and out ---------------------------------------------------------------
+    def _gradient_step_done(self, model_id: str, r) -> pb.TrainStepResponse:
+        if self.metrics is not None:
+            self.metrics.step()
+        if self.curves is not None:
+            self.curves.step(model_id, r)
+        return pb.TrainStepResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm, lr=r.lr)
+
+    @rpc
+    def ApplyGradients(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        grads = {}
+        for t in request.gradients:
+            if t.name in grads:
+                raise BadRequest("gradients", f"{t.name!r} given twice")
+            grads[t.name] = decode_tensor(t.tensor, t.name)
+        r, commit = self.registry.apply_gradients(handle, grads)
+        commit.wait()
+        return self._gradient_step_done(request.model_id, r)
+
+    @rpc
+    def AccumulateGradients(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        X, y = decode_tensor(request.inputs, "inputs"), decode_tensor(request.targets, "targets")
+        rows, loss, step = self.registry.accumulate_gradients(handle, X, y)
+        return pb.AccumulateGradientsResponse(rows=rows, loss=loss, step=step)
+
+    @rpc
+    def OptimizerStep(self, request, context):
+        self._admit(request)
+        r, commit = self.registry.optimizer_step(self.registry.get(request.model_id))
+        commit.wait()
+        return self._gradient_step_done(request.model_id, r)
 
     # -- data sets and server-side Fit (issue 11) -------------------------------------
     @staticmethod

@@ -57,6 +57,16 @@ CREATE TABLE IF NOT EXISTS datasets (
     meta TEXT NOT NULL,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    tag TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    saved REAL NOT NULL,
+    meta TEXT NOT NULL,
+    crc INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (model_id, tag)
+);
 """
 
 
@@ -70,6 +80,13 @@ class StoredModel:
     uid: int
     spec: dict
     created: float
+
+
+@dataclass
+class CheckpointInfo:
+    tag: str
+    step: int
+    saved: float
 
 
 @dataclass
@@ -209,6 +226,44 @@ class SqliteStore:
                 "SELECT seq, version, step, log_position, saved, meta, crc, data FROM snapshots "
                 "WHERE model_id = ? ORDER BY seq DESC", (model_id,)).fetchall()
         return [Snapshot(*r) for r in rows]
+
+    # -- named checkpoints (SaveCheckpoint / ListCheckpoints / RestoreCheckpoint) ----------
+    # Kept apart from snapshots: the caller names them, they are never trimmed,
+    # and a model's recovery never reads them. Same packing and CRC as snapshots.
+    def put_checkpoint(self, model_id: str, tag: str, step: int, state: dict[str, np.ndarray], extra: dict) -> None:
+        """Stores the state under ``tag``, replacing what the tag held; raises
+        KeyError when the model is not stored (deleted meanwhile)."""
+        meta, data, crc = pack_snapshot(state, extra)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is None:
+                    raise KeyError(model_id)
+                self._db.execute("INSERT OR REPLACE INTO checkpoints (model_id, tag, step, saved, meta, crc, data) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", (model_id, tag, step, time.time(), meta, crc, data))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def checkpoints(self, model_id: str) -> list[CheckpointInfo]:
+        """The model's checkpoints, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT tag, step, saved FROM checkpoints WHERE model_id = ? ORDER BY saved, tag",
+                                    (model_id,)).fetchall()
+        return [CheckpointInfo(*r) for r in rows]
+
+    def checkpoint(self, model_id: str, tag: str) -> tuple[CheckpointInfo, dict[str, np.ndarray], dict] | None:
+        """(info, state, extra) of the tag, None when it holds nothing;
+        raises SnapshotCorrupt when its CRC does not hold."""
+        with self._lock:
+            row = self._db.execute("SELECT step, saved, meta, crc, data FROM checkpoints WHERE model_id = ? AND "
+                                   "tag = ?", (model_id, tag)).fetchone()
+        if row is None:
+            return None
+        step, saved, meta, crc, data = row
+        state, extra = Snapshot(-1, -1, step, 0, saved, meta, crc, data).unpack()
+        return CheckpointInfo(tag, step, saved), state, extra
 
     # -- data sets (server-side Fit) ------------------------------------------------
     # A data set is one row: ``meta`` holds the JSON layout of its arrays
