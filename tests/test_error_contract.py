@@ -12,22 +12,24 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from test_service_units import Aborted, FakeContext
 
 from gradserve.client import AsyncClient, Client
-from gradserve.v1 import trainer_pb2 as pb
-from gradserve.wire.specmsg import spec_to_message
-from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
-from gradserve.wire.tensor import encode_tensor, tensor_chunks
 from gradserve.server import app
 from gradserve.server.limits import Limits
 from gradserve.server.registry import Durability, ModelRegistry
 from gradserve.server.servicer import TrainerServicer
 from gradserve.server.store import SqliteStore
-from test_service_units import Aborted, FakeContext
+from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.dataset import content_hash
+from gradserve.wire.specmsg import spec_to_message
+from gradserve.wire.status import RETRY_SAFE_KEY, is_retry_safe, mark_retry_safe
+from gradserve.wire.tensor import encode_tensor, tensor_chunks
 
 SPEC = {"input_size": 3, "hidden": [{"units": 4}], "output": {"units": 2, "kind": "softmax"}, "seed": 1}
 X = np.ones((2, 3), np.float32)
 Y = np.array([0, 1])
+DATASET_ID = "ds-" + content_hash(X, Y.astype(np.int64))[:32]
 RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["Trainer"].methods]
 
 
@@ -72,6 +74,12 @@ def calls(model_id):
                                                                    targets=encode_tensor(Y))),
         "SetWeightsChunks": ("set_weights", iter([chunk for t in set_weights.weights for chunk in tensor_chunks(
             np.frombuffer(t.tensor.data, np.float32).reshape(t.tensor.shape), t.name, 16, model_id=model_id)])),
+        # data sets and Fit: the ``model_id`` fixture stores (X, Y) as DATASET_ID
+        "UploadDataset": ("datasets.put", iter([pb.DatasetChunk(inputs=encode_tensor(X), targets=encode_tensor(Y))])),
+        "ListDatasets": ("datasets.infos", pb.ListDatasetsRequest()),
+        "GetDataset": ("datasets.info", pb.GetDatasetRequest(dataset_id=DATASET_ID)),
+        "DeleteDataset": ("delete_dataset", pb.DeleteDatasetRequest(dataset_id=DATASET_ID)),
+        "Fit": ("fit_steps", pb.FitRequest(model_id=model_id, dataset_id=DATASET_ID, epochs=1, batch_size=2)),
     }
 
 
@@ -95,6 +103,7 @@ def model_id(servicer):
     handle, _ = servicer.registry.create(SPEC, "m")
     servicer.registry.save_checkpoint(handle, "t")  # for RestoreCheckpoint
     servicer.registry.accumulate_gradients(handle, X, Y)  # for OptimizerStep
+    servicer.registry.datasets.put(X, Y.astype(np.int64))
     return handle.model_id
 
 
@@ -111,17 +120,26 @@ def test_every_rpc_succeeds_with_a_valid_request(servicer, model_id, method):
     assert ctx.code is None
 
 
+def break_registry(servicer, target: str, error: BaseException, monkeypatch) -> None:
+    """Makes the registry call ``target`` (``method`` or ``part.method``) raise ``error``."""
+
+    def broken(*args, **kwargs):
+        raise error
+
+    *owners, attribute = target.split(".")
+    owner = servicer.registry
+    for name in owners:
+        owner = getattr(owner, name)
+    monkeypatch.setattr(owner, attribute, broken)
+
+
 @pytest.mark.parametrize("error", [ValueError("bug"), TypeError("bug"), KeyError("bug"),
                                    RuntimeError("bug")], ids=lambda e: type(e).__name__)
 @pytest.mark.parametrize("method", RPCS)
 def test_unexpected_exception_is_internal_with_a_logged_traceback(servicer, model_id, method, error,
                                                                   monkeypatch, caplog):
     target, request = calls(model_id)[method]
-
-    def broken(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(servicer.registry, target, broken)
+    break_registry(servicer, target, error, monkeypatch)
     ctx = FakeContext()
     with caplog.at_level(logging.ERROR, logger="gradserve.servicer"), pytest.raises(Aborted):
         invoke(servicer, method, request, ctx)
@@ -137,11 +155,7 @@ def test_out_of_memory_is_resource_exhausted_with_a_logged_traceback(servicer, m
                                                                      caplog):
     target, request = calls(model_id)[method]
     error = MemoryError()
-
-    def broken(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(servicer.registry, target, broken)
+    break_registry(servicer, target, error, monkeypatch)
     ctx = FakeContext()
     with caplog.at_level(logging.ERROR, logger="gradserve.servicer"), pytest.raises(Aborted):
         invoke(servicer, method, request, ctx)

@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client import Client
-from gradserve.client import _wire
+from gradserve.client import Client, _wire
 from gradserve.nnkernels import Model, ModelSpec
 from gradserve.server.store import Snapshot
 from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.shuffle import fit_batches
 from service_fixtures import ServerProcess, free_port
 
 KILLS = int(os.environ.get("GRADSERVE_KILLS", "4"))
@@ -251,7 +251,7 @@ def test_fit_survives_a_server_restart_mid_epoch_without_losing_or_repeating_a_b
         remote = c.create_model(**spec(5), model_id="fit")
         history = {}
         fitting = threading.Thread(target=lambda: history.update(
-            remote.fit(X, y, epochs=2, batch_size=8, seed=3, progress=False)))
+            remote.fit(X, y, epochs=2, batch_size=8, seed=3, progress=False, server_side=False)))
         fitting.start()
         with Client(proc.target, timeout=30) as probe:
             while probe.get_model("fit").info.step < 100:
@@ -262,10 +262,8 @@ def test_fit_survives_a_server_restart_mid_epoch_without_losing_or_repeating_a_b
         fitting.join(120)
         assert history and len(history["loss"]) == 2
     local = Model(ModelSpec.from_dict(remote.info.spec))
-    rng = np.random.default_rng(3)
-    for _ in range(2):
-        for index in _wire.batches(len(X), 8, True, rng):
-            local.train_step(X[index], y[index])
+    for _, Xb, yb in fit_batches(X, y, epochs=2, batch_size=8, seed=3):
+        local.train_step(Xb, yb)
     try:
         with Client(proc.target, timeout=30) as c:
             remote = c.get_model("fit")

@@ -8,11 +8,12 @@ import random
 import grpc
 import numpy as np
 
-from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 from gradserve.v1 import trainer_pb2 as pb
-from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire import shuffle as shuffle_schedule
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 
-from . import _wire
+from . import _fit, _wire
+from ._fit import DatasetInfo
 from ._wire import ModelInfo, StepResult
 from .sync import CHUNK_BYTES, RETRYABLE, _Connection, done_by_earlier_attempt, new_model_id, retryable
 
@@ -65,6 +66,37 @@ class AsyncClient(_Connection):
 
     async def delete_model(self, model_id: str) -> None:
         await self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
+
+
+    # -- data sets (server-side fit) ------------------------------------------------
+    async def upload_dataset(self, X, y, *, name: str = "", timeout: float | None = None) -> DatasetInfo:
+        """As ``Client.upload_dataset``."""
+        X, y = _fit.wire_arrays(X, y)
+        try:
+            return await self.get_dataset(_fit.content_id(X, y))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return _fit.dataset_info(await self._stub.UploadDataset(
+                    _fit.dataset_chunks(X, y, self.max_message_bytes, name),
+                    timeout=self.timeout if timeout is None else timeout, metadata=self._metadata))
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+            await asyncio.sleep(delay * (1 + random.random()))
+            delay *= 2
+
+    async def list_datasets(self) -> list[DatasetInfo]:
+        return [_fit.dataset_info(d) for d in (await self._call("ListDatasets", pb.ListDatasetsRequest())).datasets]
+
+    async def get_dataset(self, dataset_id: str) -> DatasetInfo:
+        return _fit.dataset_info(await self._call("GetDataset", pb.GetDatasetRequest(dataset_id=dataset_id)))
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        await self._call("DeleteDataset", pb.DeleteDatasetRequest(dataset_id=dataset_id))
 
 
 class AsyncRemoteModel:
@@ -187,14 +219,34 @@ class AsyncRemoteModel:
             yield result
 
     async def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
-                  validation_data=None, seed: int | None = None, timeout: float | None = None
-                  ) -> dict[str, list[float]]:
-        """As ``RemoteModel.fit``, without a progress bar."""
-        X, y, _ = _wire.check_fit_args(X, y, epochs, batch_size)
-        rng = np.random.default_rng(seed)
+                  validation_data=None, seed: int | None = None, timeout: float | None = None,
+                  server_side: bool = True, patience: int = 0, min_delta: float = 0.0,
+                  restore_best_weights: bool = False, progress_every_steps: int = 0) -> dict[str, list[float]]:
+        """As ``RemoteModel.fit``, without a progress bar (a broken Fit call is raised, not resent)."""
+        X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
+        seed = _fit.fit_seed(seed)
+        if server_side:
+            client = self.client
+            dataset = await client.upload_dataset(X, y)
+            validation = await client.upload_dataset(*validation_data) if validation_data is not None else None
+            request = _fit.fit_request(self.model_id, dataset.dataset_id, epochs=epochs, batch_size=batch_size,
+                                       shuffle=shuffle, seed=seed,
+                                       validation_dataset_id=validation.dataset_id if validation else "",
+                                       patience=patience, min_delta=min_delta,
+                                       restore_best_weights=restore_best_weights,
+                                       progress_every_steps=progress_every_steps,
+                                       start_step=(await self.refresh()).step)
+            history = _fit.FitHistory()
+            async for msg in client._stub.Fit(request, timeout=timeout, metadata=client._metadata):
+                self._steps.observe(msg.step)
+                history.add(msg)
+            return history.history
+        _fit.check_server_side_only(patience=patience, min_delta=min_delta, restore_best_weights=restore_best_weights,
+                                    progress_every_steps=progress_every_steps)
         history: dict[str, list[float]] = {}
-        for _epoch in range(epochs):
-            index = _wire.batches(len(X), batch_size, shuffle, rng)
+        for epoch in range(epochs):
+            order = shuffle_schedule.epoch_order(seed, epoch, len(X), shuffle)
+            index = [shuffle_schedule.batch_index(order, b, batch_size) for b in range(steps_per_epoch)]
             acc = _wire.EpochAccumulator()
             rows = iter([len(i) for i in index])
             async for result in self.train_stream(((_wire.take(X, i), _wire.take(y, i)) for i in index),

@@ -16,11 +16,13 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire import shuffle as shuffle_schedule
 from gradserve.wire.address import is_loopback
 from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 
-from . import _wire
+from . import _fit, _wire
+from ._fit import DatasetInfo
 from ._wire import RETRYABLE, ModelInfo, StepResult
 
 # A TrainStep applies an optimizer step, and UNAVAILABLE also reports a
@@ -166,6 +168,41 @@ class Client(_Connection):
     def delete_model(self, model_id: str) -> None:
         """Deletes the model; NOT_FOUND on a retry means the first attempt did."""
         self._call("DeleteModel", pb.DeleteModelRequest(model_id=model_id))
+
+    # -- data sets (server-side fit) ------------------------------------------------
+    def upload_dataset(self, X, y, *, name: str = "", timeout: float | None = None) -> DatasetInfo:
+        """Stores (X, y) on the server (streamed in chunks under the message
+        limit) for ``RemoteModel.fit`` on any model; the same content is
+        stored once: when the server holds it (same content hash), nothing
+        is sent and its ``dataset_id`` is returned.
+        Retried on UNAVAILABLE (an upload is idempotent)."""
+        X, y = _fit.wire_arrays(X, y)
+        try:  # already stored: nothing to send
+            return self.get_dataset(_fit.content_id(X, y))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return _fit.dataset_info(self._stub.UploadDataset(
+                    _fit.dataset_chunks(X, y, self.max_message_bytes, name),
+                    timeout=self.timeout if timeout is None else timeout,
+                    metadata=self._metadata))
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+            time.sleep(delay * (1 + random.random()))
+            delay *= 2
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        return [_fit.dataset_info(d) for d in self._call("ListDatasets", pb.ListDatasetsRequest()).datasets]
+
+    def get_dataset(self, dataset_id: str) -> DatasetInfo:
+        return _fit.dataset_info(self._call("GetDataset", pb.GetDatasetRequest(dataset_id=dataset_id)))
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._call("DeleteDataset", pb.DeleteDatasetRequest(dataset_id=dataset_id))
 
 
 class RemoteModel:
@@ -394,30 +431,90 @@ class RemoteModel:
 
     def fit(self, X, y, *, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data=None, seed: int | None = None, progress: bool = True,
-            timeout: float | None = None, callbacks=()) -> dict[str, list[float]]:
-        """Trains for ``epochs`` passes over (X, y) in batches (shuffled each
-        epoch with ``seed`` when ``shuffle``), streaming each epoch through
-        TrainStream, with a tqdm progress bar. Returns the per-epoch history:
-        ``loss`` (and ``accuracy`` for classifiers) as row-weighted means of
-        the steps' values, plus ``val_loss``/``val_accuracy`` when
-        ``validation_data=(X_val, y_val)`` is given. ``callbacks``:
-        ``gradserve.client.callbacks`` objects (EarlyStopping,
+            timeout: float | None = None, server_side: bool = True, patience: int = 0, min_delta: float = 0.0,
+            restore_best_weights: bool = False, progress_every_steps: int = 0,
+            callbacks=()) -> dict[str, list[float]]:
+        """Trains for ``epochs`` passes over (X, y) in batches, shuffled each
+        epoch by ``gradserve.wire.shuffle.epoch_order(seed, epoch)`` when
+        ``shuffle`` (a random seed when None), with a tqdm progress bar.
+        Returns the per-epoch history: ``loss`` (and ``accuracy`` for
+        classifiers) as row-weighted means of the steps' values, plus
+        ``val_loss``/``val_accuracy`` when ``validation_data=(X_val, y_val)``.
+
+        ``server_side`` (default): uploads the data once (``Client.upload_dataset``)
+        and runs the Fit RPC, which trains next to the model and streams
+        progress; early stopping (``patience`` epochs without ``val_loss``,
+        or ``loss``, improving by more than ``min_delta``) and
+        ``restore_best_weights`` need it. When the call breaks with
+        UNAVAILABLE (a server restart) it is sent again and continues where
+        the model is. ``server_side=False`` streams every batch through
+        TrainStream instead (the same batches, so the same result).
+        ``callbacks``: ``gradserve.client.callbacks`` objects (EarlyStopping,
         ReduceLROnPlateau, BestCheckpoint...), called after each epoch with
-        its history values and ``lr``; one may stop training early."""
+        its history values and ``lr``; one may stop training early. They
+        run on the client between epochs, so with callbacks the fit streams
+        per batch (as ``server_side=False``)."""
+        X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
+        seed = _fit.fit_seed(seed)
+        if not server_side or callbacks:
+            _fit.check_server_side_only(patience=patience, min_delta=min_delta,
+                                        restore_best_weights=restore_best_weights,
+                                        progress_every_steps=progress_every_steps)
+            return self._fit_per_batch(X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout,
+                                       callbacks)
+        from tqdm.auto import tqdm
+
+        client = self.client
+        dataset = client.upload_dataset(X, y)
+        validation = client.upload_dataset(*validation_data) if validation_data is not None else None
+        request = _fit.fit_request(self.model_id, dataset.dataset_id, epochs=epochs, batch_size=batch_size,
+                                   shuffle=shuffle, seed=seed,
+                                   validation_dataset_id=validation.dataset_id if validation else "",
+                                   patience=patience, min_delta=min_delta, restore_best_weights=restore_best_weights,
+                                   progress_every_steps=progress_every_steps, start_step=self.refresh().step)
+        history = _fit.FitHistory()
+        bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step", desc=f"fit {self.model_id}")
+        retries, delay = 0, client.backoff
+        try:
+            while True:
+                try:
+                    for msg in client._stub.Fit(request, timeout=timeout, metadata=client._metadata):
+                        self._steps.observe(msg.step)
+                        bar.n = (msg.epoch - 1) * steps_per_epoch + msg.epoch_step
+                        metrics = history.add(msg)
+                        if metrics is None:
+                            bar.set_postfix(epoch=msg.epoch, loss=f"{msg.loss:.4g}", refresh=False)
+                        else:
+                            bar.set_postfix({"epoch": msg.epoch, **{k: f"{v:.4g}" for k, v in metrics.items()}},
+                                            refresh=False)
+                        bar.refresh()
+                        retries, delay = 0, client.backoff
+                    return history.history
+                except grpc.RpcError as exc:
+                    if exc.code() not in RETRYABLE or retries >= client.retries:
+                        raise
+                retries += 1
+                time.sleep(delay * (1 + random.random()))
+                delay *= 2
+        finally:
+            bar.close()
+
+    def _fit_per_batch(self, X, y, epochs, batch_size, shuffle, validation_data, seed, progress, timeout,
+                       callbacks=()):
         from tqdm.auto import tqdm
 
         from .callbacks import CallbackList
 
         hooks = CallbackList(callbacks)
-        X, y, steps_per_epoch = _wire.check_fit_args(X, y, epochs, batch_size)
-        rng = np.random.default_rng(seed)
+        steps_per_epoch = shuffle_schedule.steps_per_epoch(len(X), batch_size)
         history: dict[str, list[float]] = {}
         bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, unit="step",
                    desc=f"fit {self.model_id}")
         hooks.train_begin(self)
         try:
             for epoch in range(epochs):
-                index = _wire.batches(len(X), batch_size, shuffle, rng)
+                order = shuffle_schedule.epoch_order(seed, epoch, len(X), shuffle)
+                index = [shuffle_schedule.batch_index(order, b, batch_size) for b in range(steps_per_epoch)]
                 acc = _wire.EpochAccumulator()
                 rows = iter([len(i) for i in index])
                 # consume the stream to its end (stopping early would cancel the call)

@@ -431,3 +431,121 @@ class OptimizerStepRequest(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class DatasetChunk(_message.Message):
+    __slots__ = ("inputs", "targets", "name")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    inputs: Tensor
+    targets: Tensor
+    name: str
+    def __init__(self, inputs: _Optional[_Union[Tensor, _Mapping]] = ..., targets: _Optional[_Union[Tensor, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = ("dataset_id", "content_hash", "rows", "inputs_shape", "inputs_dtype", "targets_shape", "targets_dtype", "nbytes", "created_unix", "name")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    content_hash: str
+    rows: int
+    inputs_shape: _containers.RepeatedScalarFieldContainer[int]
+    inputs_dtype: DataType
+    targets_shape: _containers.RepeatedScalarFieldContainer[int]
+    targets_dtype: DataType
+    nbytes: int
+    created_unix: float
+    name: str
+    def __init__(self, dataset_id: _Optional[str] = ..., content_hash: _Optional[str] = ..., rows: _Optional[int] = ..., inputs_shape: _Optional[_Iterable[int]] = ..., inputs_dtype: _Optional[_Union[DataType, str]] = ..., targets_shape: _Optional[_Iterable[int]] = ..., targets_dtype: _Optional[_Union[DataType, str]] = ..., nbytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[DatasetInfo]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[DatasetInfo, _Mapping]]] = ...) -> None: ...
+
+class GetDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class DeleteDatasetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FitRequest(_message.Message):
+    __slots__ = ("model_id", "dataset_id", "epochs", "batch_size", "shuffle", "seed", "validation_dataset_id", "patience", "min_delta", "restore_best_weights", "progress_every_steps", "start_step")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHUFFLE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    PATIENCE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_BEST_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_EVERY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dataset_id: str
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    seed: int
+    validation_dataset_id: str
+    patience: int
+    min_delta: float
+    restore_best_weights: bool
+    progress_every_steps: int
+    start_step: int
+    def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., shuffle: bool = ..., seed: _Optional[int] = ..., validation_dataset_id: _Optional[str] = ..., patience: _Optional[int] = ..., min_delta: _Optional[float] = ..., restore_best_weights: bool = ..., progress_every_steps: _Optional[int] = ..., start_step: _Optional[int] = ...) -> None: ...
+
+class FitProgress(_message.Message):
+    __slots__ = ("epoch", "epoch_step", "steps_per_epoch", "step", "loss", "accuracy", "lr", "epoch_end", "val_loss", "val_accuracy", "stopped_early", "best_epoch", "restored_best")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_END_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    BEST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_BEST_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    epoch_step: int
+    steps_per_epoch: int
+    step: int
+    loss: float
+    accuracy: float
+    lr: float
+    epoch_end: bool
+    val_loss: float
+    val_accuracy: float
+    stopped_early: bool
+    best_epoch: int
+    restored_best: bool
+    def __init__(self, epoch: _Optional[int] = ..., epoch_step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., lr: _Optional[float] = ..., epoch_end: bool = ..., val_loss: _Optional[float] = ..., val_accuracy: _Optional[float] = ..., stopped_early: bool = ..., best_epoch: _Optional[int] = ..., restored_best: bool = ...) -> None: ...

@@ -126,6 +126,31 @@ class TrainerStub(object):
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/gradserve.v1.Trainer/UploadDataset',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/gradserve.v1.Trainer/ListDatasets',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/gradserve.v1.Trainer/GetDataset',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/gradserve.v1.Trainer/DeleteDataset',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.Fit = channel.unary_stream(
+                '/gradserve.v1.Trainer/Fit',
+                request_serializer=gradserve_dot_v1_dot_trainer__pb2.FitRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_trainer__pb2.FitProgress.FromString,
+                _registered_method=True)
         self.GetWeightsChunks = channel.unary_stream(
                 '/gradserve.v1.Trainer/GetWeightsChunks',
                 request_serializer=gradserve_dot_v1_dot_trainer__pb2.GetWeightsRequest.SerializeToString,
@@ -274,6 +299,43 @@ class TrainerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """---- data sets and server-side Fit (issue 11)
+        Stores a data set sent as row blocks (each chunk a few rows of inputs and
+        targets, under the message limit); the same content uploaded twice is
+        stored once (same dataset_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fit(self, request, context):
+        """Trains a model on a stored data set: epochs of shuffled batches, each
+        step the same as TrainStep on that batch. Streams progress; cancelling
+        the call stops it at a step boundary, keeping the steps done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWeightsChunks(self, request, context):
         """Models over the message limit: their tensors in chunks (each a byte range
         of one tensor, in order). The client uses these when a model is too big.
@@ -387,6 +449,31 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.OptimizerStep,
                     request_deserializer=gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.DatasetChunk.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.GetDatasetRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'Fit': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fit,
+                    request_deserializer=gradserve_dot_v1_dot_trainer__pb2.FitRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_trainer__pb2.FitProgress.SerializeToString,
             ),
             'GetWeightsChunks': grpc.unary_stream_rpc_method_handler(
                     servicer.GetWeightsChunks,
@@ -892,6 +979,141 @@ class Trainer(object):
             '/gradserve.v1.Trainer/OptimizerStep',
             gradserve_dot_v1_dot_trainer__pb2.OptimizerStepRequest.SerializeToString,
             gradserve_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.Trainer/UploadDataset',
+            gradserve_dot_v1_dot_trainer__pb2.DatasetChunk.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/ListDatasets',
+            gradserve_dot_v1_dot_trainer__pb2.ListDatasetsRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/GetDataset',
+            gradserve_dot_v1_dot_trainer__pb2.GetDatasetRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Trainer/DeleteDataset',
+            gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.Trainer/Fit',
+            gradserve_dot_v1_dot_trainer__pb2.FitRequest.SerializeToString,
+            gradserve_dot_v1_dot_trainer__pb2.FitProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -227,9 +227,10 @@ class GradServer:
             self._metrics_http = serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
             log.info("event=metrics url=http://%s:%d/metrics", cfg.host, self._metrics_http.server_port)
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
-                 "mtls=%s auth=%s max_streams=%d stream_idle_s=%g max_memory_mb=%.0f health=NOT_SERVING", cfg.host, self.port, cfg.store,
-                 cfg.durability.mode, sync.lower(), cfg.workers, bool(cfg.tls_cert), bool(cfg.tls_client_ca), bool(cfg.auth_token),
-                 cfg.max_streams, cfg.stream_idle_s, cfg.limits.max_memory_mb)
+                 "mtls=%s auth=%s max_streams=%d stream_idle_s=%g max_memory_mb=%.0f health=NOT_SERVING",
+                 cfg.host, self.port, cfg.store, cfg.durability.mode, sync.lower(), cfg.workers, bool(cfg.tls_cert),
+                 bool(cfg.tls_client_ca), bool(cfg.auth_token), cfg.max_streams, cfg.stream_idle_s,
+                 cfg.limits.max_memory_mb)
         b = cfg.batching
         log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "
                  "max_batch_size=%d", b.enabled, b.max_queue_delay_us,

@@ -41,6 +41,8 @@ SERVE_FLAGS = [
     ("max-memory-mb", float, 0.0, "memory all models may need at worst (parameters, optimizer state, "
                                   "workspaces for --max-batch-rows), MiB; a create over it is refused; "
                                   "0: half the machine's physical memory"),
+    ("max-dataset-mb", float, Limits.max_dataset_mb, "largest data set (inputs + targets) UploadDataset stores, MiB"),
+    ("max-datasets-mb", float, Limits.max_datasets_mb, "all stored data sets together, MiB"),
     ("default-device", str, "cpu", "device for specs that name none (cpu, cuda)"),
     ("kernel-threads", int, 0, "threads one kernel call may use (Numba and BLAS); 0: all cores. "
                                "Under many concurrent callers about cores / concurrent calls is best"),
@@ -125,6 +127,7 @@ def config_from_args(args):
         workers=args.workers, max_streams=args.max_streams, stream_idle_s=args.stream_idle_s,
         limits=Limits(max_models=args.max_models, max_params=args.max_params, max_batch_rows=args.max_batch_rows,
                       max_message_mb=args.max_message_mb, max_layers=args.max_layers,
+                      max_dataset_mb=args.max_dataset_mb, max_datasets_mb=args.max_datasets_mb,
                       **({"max_memory_mb": args.max_memory_mb} if args.max_memory_mb > 0 else {})),
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=token, tls_cert=args.tls_cert,

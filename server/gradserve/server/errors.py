@@ -22,20 +22,27 @@ import functools
 import inspect
 import logging
 import re
-import threading
-import time
 
 import grpc
 
-from gradserve.nnkernels import (DeviceUnavailableError, InputError, NonFiniteError, NotTrainableError,
-                                 SpecError)
+from gradserve.nnkernels import DeviceUnavailableError, InputError, NonFiniteError, NotTrainableError, SpecError
 from gradserve.wire.status import mark_retry_safe
 from gradserve.wire.tensor import TensorError
 
 from .batching import CallCancelled, CallDeadlineExceeded
+from .datasets import DatasetNotFound
 from .limits import LimitExceeded
-from .registry import (CheckpointNotFound, DurabilityOff, ModelExists, ModelNotFound, ModelUnavailable,
-                       NothingAccumulated, ShuttingDown, StepConflict)
+from .registry import (
+    CheckpointNotFound,
+    DatasetInUse,
+    DurabilityOff,
+    ModelExists,
+    ModelNotFound,
+    ModelUnavailable,
+    NothingAccumulated,
+    ShuttingDown,
+    StepConflict,
+)
 
 log = logging.getLogger("gradserve.servicer")
 
@@ -94,7 +101,7 @@ STATUS = (
     # within the limits yet out of memory: --max-memory-mb is set above what the machine has
     # (logged with its traceback; not retry-safe: the call may have got part-way)
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED, False),
-    ((ModelNotFound, VersionNotFound, CheckpointNotFound), grpc.StatusCode.NOT_FOUND, False),
+    ((ModelNotFound, VersionNotFound, CheckpointNotFound, DatasetNotFound), grpc.StatusCode.NOT_FOUND, False),
     # a queued Predict whose caller gave up: it left the queue without computing
     (CallDeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, False),
     (CallCancelled, grpc.StatusCode.CANCELLED, False),
@@ -102,7 +109,7 @@ STATUS = (
     # a failed test-and-set on the step: re-read the step and decide (not "fix the state first")
     (StepConflict, grpc.StatusCode.ABORTED, False),
     ((NonFiniteError, NotTrainableError, DeviceUnavailableError, ModelUnavailable, DurabilityOff,
-      NothingAccumulated),
+      NothingAccumulated, DatasetInUse),
      grpc.StatusCode.FAILED_PRECONDITION, False),
     ((BadRequest, SpecError, InputError, TensorError), grpc.StatusCode.INVALID_ARGUMENT, False),
 )

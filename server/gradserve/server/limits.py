@@ -34,6 +34,9 @@ class Limits:
     max_message_mb: float = 64.0
     max_layers: int = 64
     max_memory_mb: float = field(default_factory=default_memory_mb)
+    # data sets for server-side Fit
+    max_dataset_mb: float = 512.0
+    max_datasets_mb: float = 2048.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -78,3 +81,13 @@ class Limits:
     def check_message(self, size: int, what: str = "the request has bytes:") -> None:
         if size > self.max_message_bytes:
             raise LimitExceeded("max_message_mb", self.max_message_mb, size, what)
+
+    # -- data sets --------------------------------------------------------------
+    def check_dataset(self, nbytes: int, total_after: int | None = None) -> None:
+        """One data set's bytes, and (when given) every stored data set's
+        bytes once it is added."""
+        if nbytes > self.max_dataset_mb * 1024 * 1024:
+            raise LimitExceeded("max_dataset_mb", self.max_dataset_mb, nbytes, "the data set has bytes:")
+        if total_after is not None and total_after > self.max_datasets_mb * 1024 * 1024:
+            raise LimitExceeded("max_datasets_mb", self.max_datasets_mb, total_after,
+                                "the stored data sets would have bytes:")

@@ -27,8 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from gradserve.nnkernels import InputError, Model, OptimizerSpec
+from gradserve.nnkernels import InputError, Model, NonFiniteError, OptimizerSpec
 from gradserve.nnkernels.registry import state_names
+from gradserve.wire.shuffle import batch_index, epoch_order
 
 from . import gradients
 from .wal import checksum, pack_arrays, unpack_arrays
@@ -41,6 +42,7 @@ SET_WEIGHTS = 2
 SET_OPTIMIZER = 3
 RESTORE_CHECKPOINT = 4
 APPLY_GRADIENTS = 5
+FIT_STEPS = 6  # a run of a server-side Fit's steps: its parameters, not its batches
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Mutation:
     arrays: dict[str, np.ndarray]
     fields: dict = field(default_factory=dict)
     nbytes: int = 0  # payload size, once encoded or decoded
+    # FIT_STEPS: the data set's (inputs, targets), attached by the registry (never logged)
+    source: tuple | None = field(default=None, repr=False, compare=False)
 
     def encode(self) -> list:
         """The payload as a list of bytes-like parts (arrays not copied)."""
@@ -88,6 +92,39 @@ def _train_step(model: Model, m: Mutation):
 
 def _set_weights(model: Model, m: Mutation):
     model.set_weights(dict(m.arrays))
+
+
+@dataclass
+class FitStepsResult:
+    """What a FIT_STEPS record did: a StepResult and the rows of each step
+    applied, and the error that stopped it early (a non-finite loss or
+    gradient: that step and the rest of the run were not applied)."""
+    results: list
+    rows: list
+    error: Exception | None = None
+
+
+def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
+    """Steps ``first .. first + steps - 1`` of epoch ``epoch`` (0-based) of
+    the schedule in ``gradserve.wire.shuffle``: each is ``Model.train_step``
+    on the gathered batch, exactly as a TrainStep with that batch. Stops at
+    the first step whose loss or gradient is not finite (deterministic, so
+    a replay stops at the same step)."""
+    if m.source is None:
+        raise ValueError(f"fit record of version {m.version}: data set {m.fields['dataset']!r} not attached")
+    X, y = m.source
+    f = m.fields
+    order = epoch_order(f["seed"], f["epoch"], len(X), f["shuffle"])
+    out = FitStepsResult([], [])
+    for b in range(f["first"], f["first"] + f["steps"]):
+        index = batch_index(order, b, f["batch_size"])
+        try:
+            out.results.append(model.train_step(X[index], y[index]))
+        except NonFiniteError as exc:
+            out.error = exc
+            break
+        out.rows.append(len(index))
+    return out
 
 
 # -- optimizer hyper-parameters and checkpoints ---------------------------------
@@ -145,6 +182,7 @@ KINDS: dict[int, tuple[str, Callable[[Model, Mutation], object]]] = {
     RESTORE_CHECKPOINT: ("restore_checkpoint", _restore_checkpoint),
     APPLY_GRADIENTS: ("apply_gradients", lambda model, m: gradients.apply_gradients(
         model, m.arrays["gradients"], m.fields["loss"])),
+    FIT_STEPS: ("fit_steps", _fit_steps),
 }
 
 
@@ -173,6 +211,13 @@ def apply_gradients(uid: int, version: int, step: int, flat: np.ndarray, loss: f
     """ApplyGradients, or OptimizerStep with the accumulated mean: the flat
     gradient the step uses (the reported loss rides along: NaN when unknown)."""
     return Mutation(APPLY_GRADIENTS, uid, version, step, {"gradients": flat}, {"loss": loss})
+
+
+def fit_steps(uid: int, version: int, step: int, source: tuple, *, dataset: str, seed: int, shuffle: bool,
+              epoch: int, first: int, steps: int, batch_size: int) -> Mutation:
+    return Mutation(FIT_STEPS, uid, version, step, {},
+                    {"dataset": dataset, "seed": seed, "shuffle": shuffle, "epoch": epoch, "first": first,
+                     "steps": steps, "batch_size": batch_size}, source=source)
 
 
 def apply(model: Model, m: Mutation) -> tuple[Model, object]:

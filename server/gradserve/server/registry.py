@@ -39,6 +39,7 @@ mutations since (the same replay), and the call is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -53,10 +54,20 @@ from pathlib import Path
 
 import numpy as np
 
-from gradserve.nnkernels import (DeviceUnavailableError, InputError, Model, ModelSpec, NonFiniteError,
-                                 NotTrainableError, OptimizerSpec, ParamLayout, StepResult)
+from gradserve.nnkernels import (
+    DeviceUnavailableError,
+    InputError,
+    Model,
+    ModelSpec,
+    NonFiniteError,
+    NotTrainableError,
+    OptimizerSpec,
+    ParamLayout,
+    StepResult,
+)
 
 from . import mutations
+from .datasets import DatasetCatalog
 from .gradients import GradientAccumulator, flat_gradients
 from .limits import LimitExceeded, Limits
 from .mutations import Mutation
@@ -110,6 +121,10 @@ class CheckpointNotFound(KeyError):
 
 class NothingAccumulated(RuntimeError):
     """OptimizerStep with no AccumulateGradients since the model's last step. Server: FAILED_PRECONDITION."""
+
+
+class DatasetInUse(RuntimeError):
+    """DeleteDataset of a data set a running Fit trains on. Server: FAILED_PRECONDITION."""
 
 
 class StepConflict(Exception):
@@ -235,7 +250,9 @@ class ModelRegistry:
             WriteAheadLog(self.log_dir, segment_bytes=int(durability.segment_mb * (1 << 20)))
             if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
-        self._lock = threading.Lock()  # guards _models only
+        self._lock = threading.Lock()  # guards _models and _datasets_in_use
+        self.datasets = DatasetCatalog(store, limits)
+        self._datasets_in_use: dict[str, int] = {}  # data set id -> Fit calls training on it
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._snapshotter: threading.Thread | None = None
@@ -360,6 +377,8 @@ class ModelRegistry:
         if m.version <= handle.version:
             return
         try:
+            if m.kind == mutations.FIT_STEPS:
+                m.source = self.datasets.arrays(m.fields["dataset"])
             t0 = time.perf_counter()
             result = self._apply_checked(handle, m)
             seconds = time.perf_counter() - t0
@@ -664,6 +683,53 @@ class ModelRegistry:
     def set_weights(self, handle: ModelHandle, weights: dict[str, np.ndarray]) -> None:
         _, commit = self._mutate(handle, lambda uid, version, step: mutations.set_weights(uid, version, step, weights))
         commit.wait()
+
+    # -- server-side Fit (data sets) -----------------------------------------------------
+    def fit_steps(self, handle: ModelHandle, source: tuple, **fields) -> tuple["mutations.FitStepsResult", Commit]:
+        """Applies a run of a Fit's steps (``mutations.fit_steps``) as one
+        logged mutation, under the write lock taken once for the run; returns
+        (FitStepsResult, Commit)."""
+        return self._mutate(handle, lambda uid, version, step: mutations.fit_steps(uid, version, step, source,
+                                                                                  **fields))
+
+    @contextlib.contextmanager
+    def use_datasets(self, ids: list[str]):
+        """While open, DeleteDataset refuses these data sets (raises
+        DatasetNotFound when one is gone already)."""
+        with self._lock:
+            for i in ids:
+                self.datasets.info(i)
+            for i in ids:
+                self._datasets_in_use[i] = self._datasets_in_use.get(i, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                for i in ids:
+                    self._datasets_in_use[i] -= 1
+                    if not self._datasets_in_use[i]:
+                        del self._datasets_in_use[i]
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Deletes a data set no Fit is using. Every changed model is
+        snapshotted first, so no log record a recovery replays names it."""
+        self.datasets.info(dataset_id)
+        self._refuse_in_use(dataset_id)
+        if self.store is not None and self.durability.mode != "none":
+            for h in self.handles():
+                if h.model is not None and not h.deleted:
+                    self.snapshot(h, persist=True, unpin=True)
+        with self._lock:  # no Fit starts on it between the check and the delete
+            self._refuse_in_use(dataset_id, locked=True)
+            self.datasets.delete(dataset_id)
+
+    def _refuse_in_use(self, dataset_id: str, locked: bool = False) -> None:
+        if not locked:
+            with self._lock:
+                return self._refuse_in_use(dataset_id, True)
+        if self._datasets_in_use.get(dataset_id):
+            raise DatasetInUse(f"dataset_id: data set {dataset_id!r} is being trained on by "
+                               f"{self._datasets_in_use[dataset_id]} Fit call(s); cancel them first")
 
     # -- reads -------------------------------------------------------------------------------
     def gradients(self, handle: ModelHandle, X: np.ndarray, y: np.ndarray):

@@ -10,13 +10,17 @@ import queue
 import threading
 import time
 
+import numpy as np
+
 from gradserve.nnkernels import ModelSpec
-from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
-from gradserve.wire.tensor import ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
+from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
+from gradserve.wire.tensor import ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
 
+from . import fitting
 from .batching import BatchingConfig, PredictBatcher
+from .datasets import DatasetInfo
 from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_for
 from .registry import ModelNotFound, ModelRegistry, StepConflict
 
@@ -343,3 +347,92 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             raise BadRequest("chunks", "the stream sent none")
         self.registry.set_weights(handle, assembler.arrays())
         return self._info(handle)
+
+    # -- data sets and server-side Fit (issue 11) -------------------------------------
+    @staticmethod
+    def _dataset_info(info: DatasetInfo) -> pb.DatasetInfo:
+        wire = {"float32": pb.DATA_TYPE_FLOAT32, "float64": pb.DATA_TYPE_FLOAT64, "int32": pb.DATA_TYPE_INT32,
+                "int64": pb.DATA_TYPE_INT64}
+        return pb.DatasetInfo(dataset_id=info.dataset_id, content_hash=info.content_hash, rows=info.rows,
+                              inputs_shape=info.inputs_shape, inputs_dtype=wire.get(info.inputs_dtype, 0),
+                              targets_shape=info.targets_shape, targets_dtype=wire.get(info.targets_dtype, 0),
+                              nbytes=info.nbytes, created_unix=info.created, name=info.name)
+
+    @rpc
+    def UploadDataset(self, request_iterator, context):
+        """Chunks of rows; each is checked as it arrives (dtypes and trailing
+        shapes equal to the first chunk's, sizes within the limits), so an
+        oversized upload is refused before it is all read."""
+        self._ready()
+        limits = self.registry.limits
+        xs, ys, name, nbytes = [], [], "", 0
+        for i, chunk in enumerate(request_iterator):
+            limits.check_message(chunk.ByteSize())
+            X, y = decode_tensor(chunk.inputs, "inputs"), decode_tensor(chunk.targets, "targets")
+            where = f"(chunk {i})"
+            if X.ndim != 2:
+                raise BadRequest("inputs", f"must be 2-D (rows, features), got shape {X.shape} {where}")
+            if y.ndim not in (1, 2) or y.shape[0] != X.shape[0]:
+                raise BadRequest("targets", f"must be ({X.shape[0]},) labels or ({X.shape[0]}, units), "
+                                            f"got shape {y.shape} {where}")
+            if X.dtype.kind == "f" and not np.isfinite(X).all():
+                raise BadRequest("inputs", f"contains NaN or Inf {where}")
+            if y.dtype.kind == "f" and not np.isfinite(y).all():
+                raise BadRequest("targets", f"contains NaN or Inf {where}")
+            if xs:
+                for field, a, first in (("inputs", X, xs[0]), ("targets", y, ys[0])):
+                    if a.dtype != first.dtype or a.shape[1:] != first.shape[1:]:
+                        raise BadRequest(field, f"{a.dtype} {a.shape[1:]} per row {where}, but chunk 0 sent "
+                                                f"{first.dtype} {first.shape[1:]}")
+            else:
+                name = chunk.name
+            nbytes += X.nbytes + y.nbytes
+            limits.check_dataset(nbytes)
+            xs.append(X)
+            ys.append(y)
+        if not xs or sum(len(x) for x in xs) == 0:
+            raise BadRequest("inputs", "the upload holds no rows")
+        X = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+        info, _ = self.registry.datasets.put(X, y, name)
+        return self._dataset_info(info)
+
+    @rpc
+    def ListDatasets(self, request, context):
+        self._admit(request)
+        return pb.ListDatasetsResponse(datasets=[self._dataset_info(i) for i in self.registry.datasets.infos()])
+
+    @rpc
+    def GetDataset(self, request, context):
+        self._admit(request)
+        return self._dataset_info(self.registry.datasets.info(request.dataset_id))
+
+    @rpc
+    def DeleteDataset(self, request, context):
+        self._admit(request)
+        self.registry.delete_dataset(request.dataset_id)
+        return pb.DeleteDatasetResponse()
+
+    @rpc
+    def Fit(self, request, context):
+        self._admit(request)
+        handle = self.registry.get(request.model_id)
+        params = fitting.FitParams(
+            dataset_id=request.dataset_id, epochs=request.epochs, batch_size=request.batch_size,
+            shuffle=request.shuffle, seed=request.seed, validation_dataset_id=request.validation_dataset_id,
+            patience=request.patience, min_delta=request.min_delta,
+            restore_best_weights=request.restore_best_weights, progress_every_steps=request.progress_every_steps,
+            start_step=request.start_step if request.HasField("start_step") else None)
+        on_steps = self.metrics.train_steps.inc if self.metrics is not None else None
+        for p in fitting.fit(self.registry, handle, params, context.is_active, on_steps):
+            msg = pb.FitProgress(epoch=p.epoch, epoch_step=p.epoch_step, steps_per_epoch=p.steps_per_epoch,
+                                 step=p.step, loss=p.loss, lr=p.lr, epoch_end=p.epoch_end,
+                                 stopped_early=p.stopped_early, best_epoch=p.best_epoch,
+                                 restored_best=p.restored_best)
+            if p.accuracy is not None:
+                msg.accuracy = p.accuracy
+            if "val_loss" in p.val:
+                msg.val_loss = p.val["val_loss"]
+            if "val_accuracy" in p.val:
+                msg.val_accuracy = p.val["val_accuracy"]
+            yield msg

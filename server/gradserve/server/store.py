@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS snapshots_by_model ON snapshots (model_id, seq);
+CREATE TABLE IF NOT EXISTS datasets (
+    id TEXT PRIMARY KEY,
+    content_hash TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created REAL NOT NULL,
+    nbytes INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     model_id TEXT NOT NULL REFERENCES models(id) ON DELETE CASCADE,
     tag TEXT NOT NULL,
@@ -255,3 +264,31 @@ class SqliteStore:
         step, saved, meta, crc, data = row
         state, extra = Snapshot(-1, -1, step, 0, saved, meta, crc, data).unpack()
         return CheckpointInfo(tag, step, saved), state, extra
+
+    # -- data sets (server-side Fit) ------------------------------------------------
+    # A data set is one row: ``meta`` holds the JSON layout of its arrays
+    # (``inputs``, ``targets``; ``wal.pack_arrays``) and ``data`` their bytes.
+
+    def put_dataset(self, dataset_id: str, content_hash: str, name: str, created: float,
+                    arrays: dict[str, np.ndarray]) -> None:
+        layout, buffers = pack_arrays(arrays)
+        data = b"".join(buffers)
+        self._transaction([("INSERT OR IGNORE INTO datasets (id, content_hash, name, created, nbytes, meta, data) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (dataset_id, content_hash, name, created, len(data), json.dumps(layout), data))])
+
+    def datasets(self) -> list[tuple[str, str, str, float, int, str]]:
+        """(id, content_hash, name, created, nbytes, meta) of every data set, without their bytes."""
+        with self._lock:
+            return self._db.execute("SELECT id, content_hash, name, created, nbytes, meta FROM datasets "
+                                    "ORDER BY created, id").fetchall()
+
+    def dataset_arrays(self, dataset_id: str) -> dict[str, np.ndarray] | None:
+        with self._lock:
+            row = self._db.execute("SELECT meta, data FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        if row is None:
+            return None
+        return unpack_arrays(json.loads(row[0]), row[1])
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._transaction([("DELETE FROM datasets WHERE id = ?", (dataset_id,))])

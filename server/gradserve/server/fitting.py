@@ -1,0 +1,211 @@
+"""Server-side Fit: epochs over a stored data set, as runs of steps logged
+as their parameters (``mutations.FIT_STEPS``), with progress, validation
+and early stopping.
+
+Each run of up to ``RUN_STEPS`` steps takes the model's write lock once
+and is one log record: a Predict waits at most one run and sees whole
+steps only, other models are never blocked, and the log grows by ~200
+bytes per run instead of a batch per step. A cancelled call stops at the
+next run boundary; every completed run is kept (and durable).
+
+The batches are ``gradserve.wire.shuffle.fit_batches``: each step equals a
+TrainStep with that batch, bit for bit."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from gradserve.nnkernels import InputError, NonFiniteError
+from gradserve.wire.shuffle import steps_per_epoch
+
+from .datasets import DatasetInfo
+from .errors import BadRequest
+from .registry import ModelHandle, ModelRegistry, StateOverflow
+
+RUN_STEPS = 32  # steps per write-lock hold and per log record
+
+
+@dataclass
+class FitParams:
+    dataset_id: str
+    epochs: int
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    validation_dataset_id: str = ""
+    patience: int = 0
+    min_delta: float = 0.0
+    restore_best_weights: bool = False
+    progress_every_steps: int = 0
+    start_step: int | None = None
+
+    def check(self, registry: ModelRegistry) -> None:
+        if not self.dataset_id:
+            raise BadRequest("dataset_id", "is required")
+        if self.epochs < 1:
+            raise BadRequest("epochs", f"is {self.epochs}: must be >= 1")
+        if self.batch_size < 1:
+            raise BadRequest("batch_size", f"is {self.batch_size}: must be >= 1")
+        registry.limits.check_rows(self.batch_size, "batch_size")
+        if self.patience < 0:
+            raise BadRequest("patience", f"is {self.patience}: must be >= 0")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise BadRequest("min_delta", f"is {self.min_delta}: must be finite and >= 0")
+        if self.progress_every_steps < 0:
+            raise BadRequest("progress_every_steps", f"is {self.progress_every_steps}: must be >= 0")
+        if self.start_step is not None and self.start_step < 0:
+            raise BadRequest("start_step", f"is {self.start_step}: must be >= 0")
+
+
+@dataclass
+class Progress:
+    epoch: int  # 1-based
+    epoch_step: int
+    steps_per_epoch: int
+    step: int
+    loss: float
+    accuracy: float | None
+    lr: float
+    epoch_end: bool = False
+    val: dict = field(default_factory=dict)
+    stopped_early: bool = False
+    best_epoch: int = 0
+    restored_best: bool = False
+
+
+def validation_metrics(kind: str, outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """val_loss: the training loss of the output kind, mean over rows, from
+    the predicted probabilities in float64 (MSE for identity; binary cross
+    entropy for sigmoid; cross entropy for softmax, probabilities clipped to
+    [1e-12, 1]); val_accuracy for classifiers. The client's per-batch fit
+    computes the same (gradserve.client._wire.validation_metrics)."""
+    out = outputs.astype(np.float64)
+    tiny = 1e-12
+    if kind == "identity":
+        return {"val_loss": float(np.mean((out - y.reshape(out.shape)) ** 2))}
+    if kind == "sigmoid":
+        t = y.reshape(out.shape).astype(np.float64)
+        loss = -np.mean(t * np.log(np.clip(out, tiny, 1)) + (1 - t) * np.log(np.clip(1 - out, tiny, 1)))
+        return {"val_loss": float(loss), "val_accuracy": float(np.mean((out > 0.5) == (t > 0.5)))}
+    logp = np.log(np.clip(out, tiny, 1))
+    if y.ndim == 1:
+        labels = y.astype(np.int64)
+        loss = -np.mean(logp[np.arange(len(labels)), labels])
+    else:
+        labels = np.argmax(y, axis=1)
+        loss = -np.mean(np.sum(y * logp, axis=1))
+    return {"val_loss": float(loss), "val_accuracy": float(np.mean(np.argmax(out, axis=1) == labels))}
+
+
+def _check_fits(registry: ModelRegistry, handle: ModelHandle, info: DatasetInfo, field_name: str) -> None:
+    """INVALID_ARGUMENT naming the data set and the model when the data set's
+    features or targets do not fit the model (the same checks as a batch)."""
+    X, y = registry.datasets.arrays(info.dataset_id, field_name)
+    with handle.lock.read():
+        model = registry._usable(handle)
+        try:
+            model._inputs(X)
+            model._targets(y, len(X))
+        except InputError as exc:
+            spec = model.spec
+            raise BadRequest(field_name, f"data set {info.dataset_id!r} (inputs {info.inputs_shape} "
+                                         f"{info.inputs_dtype}, targets {info.targets_shape} {info.targets_dtype}) "
+                                         f"does not fit model {handle.model_id!r} (input_size {spec.input_size}, "
+                                         f"{spec.output.kind} output of {spec.output.units} units): "
+                                         f"{exc}") from None
+
+
+def _predict(registry: ModelRegistry, handle: ModelHandle, X: np.ndarray) -> np.ndarray:
+    rows = registry.limits.max_batch_rows
+    parts = [registry.predict(handle, X[i:i + rows], False)[0] for i in range(0, len(X), rows)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: Callable[[], bool],
+        on_steps: Callable[[int], None] | None = None) -> Iterator[Progress]:
+    """Runs the Fit, yielding Progress (each sent once its steps are durable).
+    Stops when ``is_active()`` turns false (at a run boundary). Raises
+    NonFiniteError/StateOverflow (the model at its last finite step).
+    ``on_steps(n)`` is told of every run's n applied steps (metrics)."""
+    p.check(registry)
+    info = registry.datasets.info(p.dataset_id)
+    _check_fits(registry, handle, info, "dataset_id")
+    X, y = registry.datasets.arrays(p.dataset_id)
+    val = None
+    if p.validation_dataset_id:
+        val_info = registry.datasets.info(p.validation_dataset_id, "validation_dataset_id")
+        _check_fits(registry, handle, val_info, "validation_dataset_id")
+        val = registry.datasets.arrays(p.validation_dataset_id, "validation_dataset_id")
+    kind = handle.spec.output.kind
+    spe = steps_per_epoch(len(X), p.batch_size)
+    done = 0
+    if p.start_step is not None:
+        step_now = registry.describe(handle)["step"]
+        done = step_now - p.start_step
+        if not 0 <= done <= p.epochs * spe:
+            raise BadRequest("start_step", f"is {p.start_step}: model {handle.model_id!r} is at step {step_now}, "
+                                           f"which is not within this Fit's {p.epochs * spe} steps from it")
+    run = min(p.progress_every_steps or RUN_STEPS, RUN_STEPS)
+    fields = dict(dataset=p.dataset_id, seed=int(p.seed), shuffle=bool(p.shuffle), batch_size=int(p.batch_size))
+    track_best = p.patience > 0 or p.restore_best_weights
+    best, best_epoch, best_weights, wait = math.inf, 0, None, 0
+    ids = [p.dataset_id] + ([p.validation_dataset_id] if val is not None else [])
+    with registry.use_datasets(ids):
+        for epoch in range(done // spe, p.epochs):
+            b = done % spe if epoch == done // spe else 0
+            loss_sum, correct, rows, has_accuracy = 0.0, 0.0, 0, False
+            last_lr, last_step, reported = 0.0, 0, b
+            single_until = -1  # after a run overflowed: its steps again one by one, to keep the finite ones
+            while b < spe:
+                if not is_active():
+                    return
+                n = 1 if b < single_until else min(run - b % run, spe - b)
+                try:
+                    r, commit = registry.fit_steps(handle, (X, y), epoch=epoch, first=b, steps=n, **fields)
+                except StateOverflow:
+                    if n == 1:
+                        raise
+                    single_until = b + n
+                    continue
+                commit.wait()
+                if on_steps is not None and r.results:
+                    on_steps(len(r.results))
+                for result, k in zip(r.results, r.rows):
+                    loss_sum += result.loss * k
+                    rows += k
+                    if result.accuracy is not None:
+                        has_accuracy = True
+                        correct += result.accuracy * k
+                    last_lr, last_step = result.lr, result.step
+                b += len(r.results)
+                if r.error is not None:
+                    raise NonFiniteError(f"{r.error}; the Fit stopped at epoch {epoch + 1}, step {b + 1} of "
+                                         f"{spe}; the model keeps its last finite step") from None
+                if p.progress_every_steps and b < spe and b // p.progress_every_steps > reported // p.progress_every_steps:
+                    reported = b
+                    yield Progress(epoch + 1, b, spe, last_step, loss_sum / max(rows, 1),
+                                   correct / max(rows, 1) if has_accuracy else None, last_lr)
+            metrics = {}
+            if val is not None:
+                metrics = validation_metrics(kind, _predict(registry, handle, val[0]), val[1])
+            end = Progress(epoch + 1, spe, spe, last_step or registry.describe(handle)["step"], loss_sum / max(rows, 1),
+                           correct / max(rows, 1) if has_accuracy else None, last_lr, epoch_end=True, val=metrics)
+            if track_best:
+                value = metrics.get("val_loss", end.loss)
+                if value < best - p.min_delta:
+                    best, best_epoch, wait = value, epoch + 1, 0
+                    if p.restore_best_weights:
+                        best_weights = registry.get_weights(handle)[1]
+                else:
+                    wait += 1
+                end.best_epoch = best_epoch
+                end.stopped_early = p.patience > 0 and wait >= p.patience
+                if (end.stopped_early or epoch + 1 == p.epochs) and best_weights is not None and best_epoch != epoch + 1:
+                    registry.set_weights(handle, best_weights)
+                    end.restored_best = True
+            yield end
+            if end.stopped_early:
+                return
