@@ -44,8 +44,10 @@ def start_server(store: str, workers: int, log, *flags: str) -> tuple[subprocess
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gradserve.server.cli", "serve", "--host", "127.0.0.1",
                              "--port", str(port), "--store", store, "--durability", "interval",
-                             "--workers", str(workers), "--log-level", "warning", "--max-params", "100000000",
-                             *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             "--workers", str(workers), "--log-level", "warning", "--max-params", "200000000",
+                             # the memory budget counts workspaces for --max-batch-rows rows: the
+                             # default (65536) would refuse the 1024-4096-4096-10 model on a 24 GB machine
+                             "--max-batch-rows", "4096", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     wait_ready(target, proc)
     return proc, target
