@@ -6,7 +6,7 @@ message of the shape gradserve would send — a (rows, outputs) float32
 tensor for Predict, the step figures for TrainStep, one tensor per parameter
 for GetGradients — built once and cached, so what is left is gRPC, HTTP/2
 and protobuf. ``--raw`` answers every call with its own request bytes
-instead (the BASELINES.md floor).
+instead (the bare floor of grpcio on loopback).
 
     python benchmarks/echo_server.py --port 0 --layers 784,512,256,10
 prints ``listening on 127.0.0.1:PORT`` once it serves.
