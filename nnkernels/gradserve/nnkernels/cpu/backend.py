@@ -48,6 +48,16 @@ class _TrainWorkspace:
         return self._views[1]
 
 
+class _ForwardSlot:
+    """One forward call's Z and A buffers, with views of their first
+    ``rows`` rows' worth kept for the next call of that size."""
+
+    __slots__ = ("z", "a", "rows", "views")
+
+    def __init__(self, z: np.ndarray, a: np.ndarray):
+        self.z, self.a, self.rows, self.views = z, a, -1, None
+
+
 class CpuBackend(Backend):
     """The Backend contract on the host CPU (see ``nnkernels.backend``)."""
 
@@ -72,37 +82,39 @@ class CpuBackend(Backend):
         self._train_ws: _TrainWorkspace | None = None
         self._no_labels = np.empty(0, np.int64)
         self._no_targets = np.empty((0, spec.output.units), self.dtype)
-        self._free_forward: list[tuple[np.ndarray, np.ndarray]] = []  # forward buffer pairs not in use
+        self._free_forward: list[_ForwardSlot] = []  # forward buffers not in use
 
     # -- inference ----------------------------------------------------------
-    def _forward_buffers(self, n: int):
+    def _forward_buffers(self, n: int) -> _ForwardSlot:
         """A Z/A buffer pair for one forward call, taken from a free list
         (grown, never shrunk): concurrent calls never share memory, and the
         pair used last (cache-warm, its pages mapped) is reused first. Per
         thread instead, a server whose Predict calls land on any of its gRPC
         workers kept one pair per worker, each sized for the largest batch
-        that worker saw, and each call found its pair cold."""
-        need = n * self._width
+        that worker saw, and each call found its pair cold. The slot keeps
+        its views for the last row count, so a repeated batch size (the
+        common case) builds no slices per call."""
         try:
-            bufs = self._free_forward.pop()  # atomic: no lock needed
+            slot = self._free_forward.pop()  # atomic: no lock needed
         except IndexError:
-            bufs = None
-        if bufs is None or bufs[0].shape[0] < need:
-            bufs = (np.empty(need, self.dtype), np.empty(need, self.dtype))
-        return bufs
+            slot = None
+        need = n * self._width
+        if slot is None or slot.z.shape[0] < need:
+            slot = _ForwardSlot(np.empty(need, self.dtype), np.empty(need, self.dtype))
+        if slot.rows != n:
+            slot.rows, slot.views = n, ForwardBuffers(slot.z[:need], slot.a[:need])
+        return slot
 
     def forward(self, X, logits=False):
         n = X.shape[0]
-        bufs = self._forward_buffers(n)
-        need = n * self._width
+        slot = self._forward_buffers(n)
         out = np.empty((n, self.spec.output.units), self.dtype)
         out_kind = self._logits_kind if logits else self._out_kind
         try:
             with runtime.kernel_threads(n):
-                forward_kernel(X, self.params, self.layers, out_kind,
-                               ForwardBuffers(bufs[0][:need], bufs[1][:need]), out)
+                forward_kernel(X, self.params, self.layers, out_kind, slot.views, out)
         finally:
-            self._free_forward.append(bufs)
+            self._free_forward.append(slot)
         return out
 
     # -- training -----------------------------------------------------------
