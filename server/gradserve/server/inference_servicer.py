@@ -30,6 +30,7 @@ from gradserve.wire.tensor import MAX_DIM
 from .batching import PredictBatcher
 from .errors import BadRequest, NotServing, VersionNotFound, rpc, shown, status_for
 from .registry import ModelNotFound, ModelRegistry
+from .tenants import current_tenant
 
 INPUT_NAME = "inputs"
 OUTPUT_NAME = "outputs"
@@ -104,7 +105,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """(handle, its description) for a model name and optional version."""
         if not self.ready.is_set():
             raise NotServing("server is not serving yet (warming up) or is shutting down")
-        handle = self.registry.get(name)
+        handle = self.registry.get(name, current_tenant())
         described = self.registry.describe(handle)
         if version and version != str(described["step"]):
             raise VersionNotFound(f"model_version: model {name!r} is at version {described['step']} "
@@ -170,7 +171,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             handles = [self._model(request.name, request.version)[0]]
         else:
-            handles = self.registry.handles()
+            handles = self.registry.handles(current_tenant())
         stats = self.metrics.inference.snapshot() if self.metrics is not None else {}
         resp = pb.ModelStatisticsResponse()
         for handle in handles:
@@ -197,7 +198,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         if not self.ready.is_set():
             raise NotServing("server is not serving yet (warming up) or is shutting down")
-        handle = self.registry.get(name)
+        handle = self.registry.get(name, current_tenant())
         try:
             X = decode_infer_inputs(request)
             self.registry.limits.check_message(X.nbytes + 256)

@@ -73,6 +73,7 @@ from .limits import LimitExceeded, Limits
 from .mutations import Mutation
 from .rwlock import ReadWriteLock
 from .store import KEEP_SNAPSHOTS, SnapshotCorrupt, SqliteStore, StoredModel
+from .tenants import ADMIN_TENANT, visible_to
 from .wal import DURABLE, Commit, Damage, WriteAheadLog, lsn, remove_segments_before, scan, segment_numbers
 
 log = logging.getLogger("gradserve.registry")
@@ -178,8 +179,10 @@ class ModelHandle:
     bookkeeping. ``model`` is None and ``load_error`` set for a stored
     model that could not be loaded."""
 
-    def __init__(self, model_id: str, uid: int, spec: ModelSpec | None, created: float, model: Model | None = None):
+    def __init__(self, model_id: str, uid: int, spec: ModelSpec | None, created: float, model: Model | None = None,
+                 tenant: str = ""):
         self.model_id = model_id
+        self.tenant = tenant  # the creator's tenant under --auth-tokens; "" for none
         self.uid = uid
         self._spec = spec
         self.spec_dict: dict = spec.to_dict() if spec is not None else {}
@@ -331,11 +334,11 @@ class ModelRegistry:
         try:
             spec = ModelSpec.from_dict(stored.spec)
         except Exception as exc:  # noqa: BLE001 — kept and listed with the reason
-            handle = ModelHandle(stored.model_id, stored.uid, None, stored.created)
+            handle = ModelHandle(stored.model_id, stored.uid, None, stored.created, tenant=stored.tenant)
             handle.spec_dict = stored.spec
             handle.load_error = f"stored spec is not valid here: {exc}"
             return handle
-        handle = ModelHandle(stored.model_id, stored.uid, spec, stored.created)
+        handle = ModelHandle(stored.model_id, stored.uid, spec, stored.created, tenant=stored.tenant)
         reasons = []
         snapshots = self.store.snapshots(stored.model_id)
         for i, snap in enumerate(snapshots):
@@ -517,21 +520,27 @@ class ModelRegistry:
             remove_segments_before(self.log_dir, before)
 
     # -- lookup -------------------------------------------------------------------------
-    def handles(self) -> list[ModelHandle]:
+    def handles(self, tenant: str | None = None) -> list[ModelHandle]:
+        """Every model, or those ``tenant`` may see (see ``visible_to``)."""
         with self._lock:
-            return list(self._models.values())
+            return [h for h in self._models.values() if visible_to(h.tenant, tenant)]
 
-    def get(self, model_id: str) -> ModelHandle:
+    def get(self, model_id: str, tenant: str | None = None) -> ModelHandle:
+        """The model, or NOT_FOUND, also when it belongs to a tenant other
+        than ``tenant`` (None: no tenant scoping), so another tenant's ids
+        cannot be told from absent ones."""
         with self._lock:
             handle = self._models.get(model_id)
-        if handle is None:
+        if handle is None or not visible_to(handle.tenant, tenant):
             raise ModelNotFound(model_id)
         return handle
 
     # -- create / delete ------------------------------------------------------------------
-    def create(self, spec_dict: dict, model_id: str = "") -> tuple[ModelHandle, bool]:
-        """Creates (and stores) a model; returns (handle, created). An id
-        that exists with an equal spec returns that model (idempotent)."""
+    def create(self, spec_dict: dict, model_id: str = "", tenant: str | None = None) -> tuple[ModelHandle, bool]:
+        """Creates (and stores) a model owned by ``tenant`` (None or admin:
+        owned by none); returns (handle, created). An id that exists with an
+        equal spec returns that model (idempotent) when ``tenant`` may see
+        it; one it may not see is ALREADY_EXISTS, as ids are global."""
         if model_id and not MODEL_ID.match(model_id):
             raise InputError("model_id", f"{model_id!r}: use 1-128 characters from A-Z a-z 0-9 . _ -")
         spec_dict = dict(spec_dict)
@@ -542,6 +551,8 @@ class ModelRegistry:
             with self._lock:
                 existing = self._models.get(model_id)
             if existing is not None:
+                if not visible_to(existing.tenant, tenant):
+                    raise ModelExists(f"model_id={model_id!r} is taken; choose another id")
                 if existing.spec != spec:
                     raise ModelExists(f"model_id={model_id!r} exists with a different spec")
                 return existing, False
@@ -550,12 +561,15 @@ class ModelRegistry:
         if bad:
             raise StateOverflow(f"spec: the initial {' and '.join(bad)} are not finite (an initializer's values "
                                 f"overflow {spec.dtype}); nothing was created")
-        handle = ModelHandle(model_id or uuid.uuid4().hex, secrets.randbits(63), spec, time.time(), model)
+        owner = "" if tenant is None or tenant == ADMIN_TENANT else tenant
+        handle = ModelHandle(model_id or uuid.uuid4().hex, secrets.randbits(63), spec, time.time(), model, owner)
         state = model.state_dict()
         handle.set_base(state, 0)
         with self._lock:
             if handle.model_id in self._models:  # a concurrent create of the same id won
                 existing = self._models[handle.model_id]
+                if not visible_to(existing.tenant, tenant):
+                    raise ModelExists(f"model_id={model_id!r} is taken; choose another id")
                 if existing.spec != spec:
                     raise ModelExists(f"model_id={model_id!r} exists with a different spec")
                 return existing, False
@@ -567,7 +581,7 @@ class ModelRegistry:
             try:
                 with handle.save_lock:
                     position = self._next_position()
-                    self.store.create(StoredModel(handle.model_id, handle.uid, spec.to_dict(), handle.created),
+                    self.store.create(StoredModel(handle.model_id, handle.uid, spec.to_dict(), handle.created, owner),
                                       0, 0, position, state, {})
                     handle.kept = [(0, position)]
             except BaseException:
@@ -577,8 +591,8 @@ class ModelRegistry:
         log.info("event=model_created model_id=%s params=%d device=%s", handle.model_id, model.num_params, spec.device)
         return handle, True
 
-    def delete(self, model_id: str) -> None:
-        handle = self.get(model_id)
+    def delete(self, model_id: str, tenant: str | None = None) -> None:
+        handle = self.get(model_id, tenant)
         with handle.save_lock, handle.lock.write():
             if handle.deleted:
                 raise ModelNotFound(model_id)

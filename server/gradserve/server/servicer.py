@@ -6,6 +6,7 @@ with ``abort(code, details)``, ``set_trailing_metadata(pairs)`` and
 ``is_active()``."""
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from .batching import BatchingConfig, PredictBatcher
 from .datasets import DatasetInfo
 from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_for
 from .registry import ModelNotFound, ModelRegistry, StepConflict
+from .tenants import current_tenant
 
 CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk (or half --max-message-mb when smaller)
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
@@ -54,7 +56,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         over --max-memory-mb (an existing id is the idempotent create: no check)."""
         if model_id:
             try:
-                self.registry.get(model_id)
+                self.registry.get(model_id)  # unscoped: another tenant's id is refused by create
                 return
             except ModelNotFound:
                 pass
@@ -77,7 +79,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         """Admits and applies one TrainStep; returns (reply, commit): send the
         reply once ``commit.wait()`` returns (the step is durable)."""
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         expected = request.expected_step if request.HasField("expected_step") else None
         try:
@@ -104,7 +106,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         spec_dict = spec_from_message(request.spec)
         with self._create_lock:  # the memory check and the create, one create at a time
             self._check_memory(spec_dict, request.model_id)
-            handle, _ = self.registry.create(spec_dict, request.model_id)
+            handle, _ = self.registry.create(spec_dict, request.model_id, current_tenant())
         return self._info(handle)
 
     @rpc
@@ -140,7 +142,9 @@ class TrainerServicer(pb_grpc.TrainerServicer):
                 return
             put(end)
 
-        threading.Thread(target=read_and_apply, name="train-stream", daemon=True).start()
+        # in this call's context, so the reader resolves models as the calling tenant
+        threading.Thread(target=contextvars.copy_context().run, args=(read_and_apply,), name="train-stream",
+                         daemon=True).start()
         while True:
             try:
                 item = applied.get(timeout=0.2)
@@ -160,7 +164,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     def Predict(self, request, context):
         start = time.perf_counter()
         self._ready()
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         try:
             X = decode_tensor(request.inputs, "inputs", (2,))
             # the tensor's bytes stand for the message: ByteSize() would serialize it all again
@@ -187,7 +191,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def GetGradients(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         loss, grads, step = self.registry.gradients(handle, X, y)
         resp = pb.GetGradientsResponse(loss=loss, step=step)
@@ -198,13 +202,13 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def GetModel(self, request, context):
         self._admit(request)
-        return self._info(self.registry.get(request.model_id))
+        return self._info(self.registry.get(request.model_id, current_tenant()))
 
     @rpc
     def ListModels(self, request, context):
         self._admit(request)
         resp = pb.ListModelsResponse()
-        for handle in self.registry.handles():
+        for handle in self.registry.handles(current_tenant()):
             try:
                 resp.models.append(self._info(handle, listing=True))
             except ModelNotFound:  # deleted meanwhile
@@ -214,7 +218,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def DeleteModel(self, request, context):
         self._admit(request)
-        self.registry.delete(request.model_id)
+        self.registry.delete(request.model_id, current_tenant())
         if self.curves is not None:
             self.curves.forget(request.model_id)
         return pb.DeleteModelResponse()
@@ -222,7 +226,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def GetWeights(self, request, context):
         self._admit(request)
-        step, weights = self.registry.get_weights(self.registry.get(request.model_id))
+        step, weights = self.registry.get_weights(self.registry.get(request.model_id, current_tenant()))
         resp = pb.GetWeightsResponse(step=step)
         for name, w in weights.items():
             encode_tensor(w, name, resp.weights.add(name=name).tensor)
@@ -231,7 +235,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def SetWeights(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         weights = {}
         for t in request.weights:
             if t.name in weights:
@@ -243,34 +247,35 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def SaveModel(self, request, context):
         self._admit(request)
-        return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id)))
+        return pb.SaveModelResponse(step=self.registry.save(self.registry.get(request.model_id, current_tenant())))
 
     # -- optimizer hyper-parameters and named checkpoints ------------------------------
     @rpc
     def SetOptimizer(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         self.registry.set_optimizer(handle, optimizer_changes(request.optimizer))
         return self._info(handle)
 
     @rpc
     def SaveCheckpoint(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         step = self.registry.save_checkpoint(handle, request.tag)
         return pb.Checkpoint(tag=request.tag, step=step, saved_unix=time.time())
 
     @rpc
     def ListCheckpoints(self, request, context):
         self._admit(request)
-        infos = self.registry.list_checkpoints(self.registry.get(request.model_id))
+        infos = self.registry.list_checkpoints(self.registry.get(request.model_id, current_tenant()))
         return pb.ListCheckpointsResponse(checkpoints=[pb.Checkpoint(tag=c.tag, step=c.step, saved_unix=c.saved)
                                                        for c in infos])
 
     @rpc
     def RestoreCheckpoint(self, request, context):
         self._admit(request)
-        saved_step, step = self.registry.restore_checkpoint(self.registry.get(request.model_id), request.tag)
+        handle = self.registry.get(request.model_id, current_tenant())
+        saved_step, step = self.registry.restore_checkpoint(handle, request.tag)
         return pb.RestoreCheckpointResponse(checkpoint_step=saved_step, step=step)
 
     # -- gradients in and out ---------------------------------------------------------------
@@ -284,7 +289,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def ApplyGradients(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         grads = {}
         for t in request.gradients:
             if t.name in grads:
@@ -297,7 +302,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def AccumulateGradients(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         rows, loss, step = self.registry.accumulate_gradients(handle, X, y)
         return pb.AccumulateGradientsResponse(rows=rows, loss=loss, step=step)
@@ -305,7 +310,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def OptimizerStep(self, request, context):
         self._admit(request)
-        r, commit = self.registry.optimizer_step(self.registry.get(request.model_id))
+        r, commit = self.registry.optimizer_step(self.registry.get(request.model_id, current_tenant()))
         commit.wait()
         return self._gradient_step_done(request.model_id, r)
 
@@ -318,13 +323,13 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def GetWeightsChunks(self, request, context):
         self._admit(request)
-        step, weights = self.registry.get_weights(self.registry.get(request.model_id))
+        step, weights = self.registry.get_weights(self.registry.get(request.model_id, current_tenant()))
         yield from self._chunks(weights, step=step)
 
     @rpc
     def GetGradientsChunks(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         X, y = decode_tensor(request.inputs, "inputs", (2,)), decode_tensor(request.targets, "targets", (1, 2))
         loss, grads, step = self.registry.gradients(handle, X, y)
         yield from self._chunks(grads, step=step, loss=loss)
@@ -336,7 +341,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         for chunk in request_iterator:
             self.registry.limits.check_message(chunk.ByteSize())
             if handle is None:
-                handle = self.registry.get(chunk.model_id)
+                handle = self.registry.get(chunk.model_id, current_tenant())
                 # only the model's parameters, at their shapes: the stream cannot make the server allocate more
                 assembler = ChunkAssembler({name: tuple(shape) for name, shape in
                                             self.registry.describe(handle)["params"]})
@@ -416,7 +421,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
     @rpc
     def Fit(self, request, context):
         self._admit(request)
-        handle = self.registry.get(request.model_id)
+        handle = self.registry.get(request.model_id, current_tenant())
         params = fitting.FitParams(
             dataset_id=request.dataset_id, epochs=request.epochs, batch_size=request.batch_size,
             shuffle=request.shuffle, seed=request.seed, validation_dataset_id=request.validation_dataset_id,

@@ -27,14 +27,15 @@ import numpy as np
 from .wal import checksum, pack_arrays, unpack_arrays
 
 KEEP_SNAPSHOTS = 2
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     id TEXT PRIMARY KEY,
     uid INTEGER NOT NULL,
     spec TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -80,6 +81,7 @@ class StoredModel:
     uid: int
     spec: dict
     created: float
+    tenant: str = ""  # the owning tenant of --auth-tokens; "" for none (admin and single-token setups)
 
 
 @dataclass
@@ -148,6 +150,9 @@ class SqliteStore:
             raise RuntimeError(f"{path}: written by an earlier gradserve (one state per model, no snapshots "
                                "or mutation log); start with a new --store")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(models)")}
+        if "tenant" not in columns:  # a store from before tenants: its models belong to none
+            self._db.execute("ALTER TABLE models ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -172,8 +177,8 @@ class SqliteStore:
         meta, data, crc = pack_snapshot(state, extra)
         self._transaction([
             ("DELETE FROM models WHERE id = ?", (model.model_id,)),
-            ("INSERT INTO models (id, uid, spec, created) VALUES (?, ?, ?, ?)",
-             (model.model_id, model.uid, json.dumps(model.spec), model.created)),
+            ("INSERT INTO models (id, uid, spec, created, tenant) VALUES (?, ?, ?, ?, ?)",
+             (model.model_id, model.uid, json.dumps(model.spec), model.created, model.tenant)),
             ("INSERT INTO snapshots (model_id, version, step, log_position, saved, meta, crc, data) "
              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (model.model_id, version, step, log_position, time.time(), meta,
                                                  crc, data)),
@@ -213,8 +218,8 @@ class SqliteStore:
 
     def models(self) -> list[StoredModel]:
         with self._lock:
-            rows = self._db.execute("SELECT id, uid, spec, created FROM models ORDER BY created, id").fetchall()
-        return [StoredModel(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
+            rows = self._db.execute("SELECT id, uid, spec, created, tenant FROM models ORDER BY created, id").fetchall()
+        return [StoredModel(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
 
     def model_ids(self) -> list[str]:
         return [m.model_id for m in self.models()]
