@@ -2,7 +2,7 @@
 reflection; warm-up before SERVING; graceful shutdown on SIGTERM/SIGINT."""
 from __future__ import annotations
 
-import hmac
+import contextvars
 import logging
 import signal
 import threading
@@ -25,6 +25,7 @@ from .metrics import Metrics, MetricsInterceptor, serve_metrics
 from .registry import Durability, ModelRegistry
 from .servicer import TrainerServicer
 from .store import SqliteStore
+from .tenants import SINGLE_TOKEN, set_current_tenant, tenant_of
 
 log = logging.getLogger("gradserve.server")
 
@@ -50,6 +51,7 @@ class ServerConfig:
     grace_s: float = 10.0
     kernel_threads: int = 0  # 0: nnkernels' default (every Numba thread)
     auth_token: str = ""
+    auth_tokens: dict[str, str] = field(default_factory=dict)  # --auth-tokens: token -> tenant
     metrics_port: int = -1  # -1: off; 0: any free port
     tls_cert: str = ""
     tls_key: str = ""
@@ -82,13 +84,20 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuses Trainer and inference calls without ``authorization: Bearer
     <token>`` (UNAUTHENTICATED, retry-safe: the call never reached a model).
     Health, reflection and the V2 liveness and readiness probes stay open
-    for probes and grpcurl."""
+    for probes and grpcurl.
+
+    ``tokens`` maps each accepted token to its tenant (--auth-tokens), or is
+    the single --auth-token, which scopes nothing. Under a tenant the
+    handler's behaviour runs in a context whose ``current_tenant()`` is that
+    tenant: the behaviour runs later on a worker thread, so the context goes
+    with it rather than being set here."""
 
     OPEN = {f"/{INFERENCE_SERVICE_NAME}/ServerLive", f"/{INFERENCE_SERVICE_NAME}/ServerReady"}
     GUARDED = (f"/{SERVICE_NAME}/", f"/{INFERENCE_SERVICE_NAME}/")
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+    def __init__(self, tokens: str | dict[str, str]):
+        # a str is the single --auth-token
+        self._tokens = {tokens: SINGLE_TOKEN} if isinstance(tokens, str) else dict(tokens)
 
         def deny(request, context):
             mark_retry_safe(context)
@@ -108,12 +117,39 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if not details.method.startswith(self.GUARDED) or details.method in self.OPEN:
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected.encode()):
-            return continuation(details)
+        tenant = tenant_of(given, self._tokens)
         handler = continuation(details)
         if handler is None:
             return None
-        return self._deny[bool(handler.request_streaming), bool(handler.response_streaming)]
+        if tenant is None:
+            return self._deny[bool(handler.request_streaming), bool(handler.response_streaming)]
+        if tenant is SINGLE_TOKEN:
+            return handler
+        return as_tenant(handler, tenant)
+
+
+def as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour (and, when it streams replies, each step
+    of its iterator) run in one context of this call whose current tenant is
+    ``tenant``; a fresh context per call, so nothing stays on the worker thread."""
+    ctx = contextvars.copy_context()
+    ctx.run(set_current_tenant, tenant)
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                if getattr(handler, k) is not None)
+    behaviour = getattr(handler, kind)
+    if not handler.response_streaming:
+        def wrapped(request, context):
+            return ctx.run(behaviour, request, context)
+    else:
+        def wrapped(request, context):
+            replies = ctx.run(behaviour, request, context)
+            while True:
+                try:
+                    reply = ctx.run(next, replies)
+                except StopIteration:
+                    return
+                yield reply
+    return handler._replace(**{kind: wrapped})
 
 
 class GradServer:
@@ -185,6 +221,8 @@ class GradServer:
         interceptors = [MetricsInterceptor(self.metrics)]
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token))
+        elif cfg.auth_tokens:
+            interceptors.append(BearerTokenInterceptor(cfg.auth_tokens))
         # unary calls keep `workers` threads however many streams are open
         pool = futures.ThreadPoolExecutor(max_workers=cfg.workers + cfg.max_streams, thread_name_prefix="rpc")
         self._server = grpc.server(pool, options=options, interceptors=interceptors)
@@ -220,7 +258,7 @@ class GradServer:
         if not self.port:
             raise RuntimeError(f"could not bind {cfg.host}:{cfg.port}")
         self._server.start()
-        if cfg.auth_token and not cfg.tls_cert and not is_loopback(cfg.host):
+        if (cfg.auth_token or cfg.auth_tokens) and not cfg.tls_cert and not is_loopback(cfg.host):
             log.warning("event=plaintext_token host=%s (bearer tokens cross the network unencrypted: serve TLS "
                         "with --tls-cert/--tls-key)", cfg.host)
         if cfg.metrics_port >= 0:
@@ -229,7 +267,8 @@ class GradServer:
         log.info("event=listening host=%s port=%d store=%s durability=%s sqlite_sync=%s workers=%d tls=%s "
                  "mtls=%s auth=%s max_streams=%d stream_idle_s=%g max_memory_mb=%.0f health=NOT_SERVING",
                  cfg.host, self.port, cfg.store, cfg.durability.mode, sync.lower(), cfg.workers, bool(cfg.tls_cert),
-                 bool(cfg.tls_client_ca), bool(cfg.auth_token), cfg.max_streams, cfg.stream_idle_s,
+                 bool(cfg.tls_client_ca), "tenants" if cfg.auth_tokens else bool(cfg.auth_token), cfg.max_streams,
+                 cfg.stream_idle_s,
                  cfg.limits.max_memory_mb)
         b = cfg.batching
         log.info("event=dynamic_batching enabled=%s max_queue_delay_us=%d preferred_batch_sizes=%s "

@@ -63,6 +63,8 @@ SERVE_FLAGS = [
                             "(health and reflection stay open); prefer the environment twin"),
     ("auth-token-file", str, "", "read the bearer token from this file (first line) instead of --auth-token, "
                                  "which any user can read in the process list"),
+    ("auth-tokens", str, "", "tenants: a file of 'tenant token' lines ('#' comments); each tenant sees only the "
+                             "models it created, tenant 'admin' sees all (not with --auth-token/--auth-token-file)"),
     ("tls-cert", str, "", "PEM certificate chain: serve TLS instead of plaintext (with --tls-key)"),
     ("tls-key", str, "", "PEM private key for --tls-cert"),
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
@@ -111,6 +113,17 @@ def config_from_args(args):
         logging.getLogger("gradserve.server").warning(
             "event=auth_token_in_argv (every user of this machine can read it in the process list; use "
             "--auth-token-file or the environment variable %s)", env_name("auth-token"))
+    tokens = {}
+    if args.auth_tokens:
+        if token:
+            raise SystemExit("gradserve: give --auth-tokens (tenants) or --auth-token/--auth-token-file "
+                             "(one token), not both")
+        from .tenants import parse_tokens
+        try:
+            with open(args.auth_tokens) as f:
+                tokens = parse_tokens(f.read(), f"--auth-tokens {args.auth_tokens}")
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"gradserve: {exc}") from None
     try:
         durability = Durability(args.durability, args.checkpoint_steps, args.checkpoint_seconds,
                                 args.checkpoint_log_mb, args.checkpoint_replay_seconds, args.log_segment_mb)
@@ -132,7 +145,7 @@ def config_from_args(args):
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir)
+        batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir, auth_tokens=tokens)
 
 
 def batching_from_args(args):
