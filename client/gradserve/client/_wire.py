@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
+from gradserve.wire.metrics import validation_metrics as wire_validation_metrics
 from gradserve.wire.specmsg import spec_from_message, spec_to_message
 from gradserve.wire.status import is_retry_safe
 from gradserve.wire.tensor import decode_tensor, encode_tensor
@@ -234,27 +235,8 @@ def take(a: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def validation_metrics(info: ModelInfo, outputs: np.ndarray, y) -> dict[str, float]:
-    """val_loss (the model's training loss, mean over rows, from the
-    predicted probabilities) and val_accuracy for classifiers."""
-    y = np.asarray(y)
-    kind = info.spec["output"].get("kind", "identity")
-    out = outputs.astype(np.float64)
-    tiny = 1e-12
-    if kind == "identity":
-        return {"val_loss": float(np.mean((out - y.reshape(out.shape)) ** 2))}
-    if kind == "sigmoid":
-        t = y.reshape(out.shape).astype(np.float64)
-        loss = -np.mean(t * np.log(np.clip(out, tiny, 1)) + (1 - t) * np.log(np.clip(1 - out, tiny, 1)))
-        acc = np.mean((out > 0.5) == (t > 0.5))
-        return {"val_loss": float(loss), "val_accuracy": float(acc)}
-    logp = np.log(np.clip(out, tiny, 1))
-    if y.ndim == 1:
-        labels = y.astype(np.int64)
-        loss = -np.mean(logp[np.arange(len(labels)), labels])
-    else:
-        labels = np.argmax(y, axis=1)
-        loss = -np.mean(np.sum(y * logp, axis=1))
-    return {"val_loss": float(loss), "val_accuracy": float(np.mean(np.argmax(out, axis=1) == labels))}
+    """``gradserve.wire.metrics.validation_metrics`` for a remote model."""
+    return wire_validation_metrics(info.spec["output"].get("kind", "identity"), outputs, np.asarray(y))
 
 
 class EpochAccumulator:
