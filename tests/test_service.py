@@ -180,6 +180,7 @@ def test_prometheus_metrics_count_calls_steps_and_models(server, client):
     from prometheus_client.parser import text_string_to_metric_families
     remote = client.create_model(**SPEC)
     remote.train_step(*batches(1)[0])
+    remote.fit(*batches(1)[0], epochs=1, batch_size=8, progress=False)  # UploadDataset and Fit: one-sided streams
     with pytest.raises(grpc.RpcError):
         client.get_model("not-there")
     url = re.search(r"event=metrics url=(\S+)", server.log()).group(1)
@@ -190,6 +191,8 @@ def test_prometheus_metrics_count_calls_steps_and_models(server, client):
     assert samples[("gradserve_request_seconds_count", (("method", "CreateModel"),))] >= 1
     assert samples[("gradserve_requests_total", (("code", "NOT_FOUND"), ("method", "GetModel")))] >= 1
     assert samples[("gradserve_train_steps_total", ())] >= 1
+    assert samples[("gradserve_requests_total", (("code", "OK"), ("method", "Fit")))] >= 1
+    assert samples[("gradserve_requests_total", (("code", "OK"), ("method", "UploadDataset")))] >= 1
     assert samples[("gradserve_models", ())] >= 1
     # the shared server runs step durability: the step above was logged and synced
     assert samples[("gradserve_durability_log_records_total", ())] >= 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -274,43 +275,41 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 return "UNKNOWN" if exc is not None else "OK"
             return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
+        @contextmanager
+        def observed(context):
+            start, exc = time.perf_counter(), None
+            in_flight.inc()
+            try:
+                yield
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                in_flight.dec()
+                requests.labels(method, code_of(context, exc)).inc()
+                latency.observe(time.perf_counter() - start)
 
-            def unary(request, context):
-                start, exc = time.perf_counter(), None
-                in_flight.inc()
-                try:
+        # one wrapper per reply shape; a streamed reply is observed until its last message
+        def single(inner):
+            def call(request, context):
+                with observed(context):
                     return inner(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    in_flight.dec()
-                    requests.labels(method, code_of(context, exc)).inc()
-                    latency.observe(time.perf_counter() - start)
+            return call
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
-                                                       handler.response_serializer)
-        if handler.stream_stream:
-            inner_stream = handler.stream_stream
+        def streamed(inner):
+            def call(request, context):
+                with observed(context):
+                    yield from inner(request, context)
+            return call
 
-            def stream(request_iterator, context):
-                start, exc = time.perf_counter(), None
-                in_flight.inc()
-                try:
-                    yield from inner_stream(request_iterator, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    in_flight.dec()
-                    requests.labels(method, code_of(context, exc)).inc()
-                    latency.observe(time.perf_counter() - start)
-
-            return grpc.stream_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                         handler.response_serializer)
-        return handler  # unary-stream / stream-unary: none in gradserve's services
+        shapes = ((handler.unary_unary, single, grpc.unary_unary_rpc_method_handler),
+                  (handler.stream_unary, single, grpc.stream_unary_rpc_method_handler),
+                  (handler.unary_stream, streamed, grpc.unary_stream_rpc_method_handler),
+                  (handler.stream_stream, streamed, grpc.stream_stream_rpc_method_handler))
+        for inner, wrap, make in shapes:
+            if inner:
+                return make(wrap(inner), handler.request_deserializer, handler.response_serializer)
+        return handler
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int):
