@@ -12,7 +12,16 @@ from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients
 from ..params import ParamLayout
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
-from .kernels import NORM_BLOCK, ForwardBuffers, Targets, TrainBuffers, TrainSettings, forward_kernel, train_kernel
+from .kernels import (
+    NORM_BLOCK,
+    ForwardBuffers,
+    Targets,
+    TrainBuffers,
+    TrainSettings,
+    forward_kernel,
+    perturb_weights_kernel,
+    train_kernel,
+)
 from .optimizer import optimizer_kernel
 
 
@@ -142,6 +151,9 @@ class CpuBackend(Backend):
                                  np.uint64(noise_key), tstd, np.uint64(target_key))
         targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
         bufs = self._workspace(n).buffers(n, self._partials)
+        if bufs.wn.shape[0] > 0:  # weight noise: this step's W̃, threads by parameter count as the optimizer
+            with runtime.kernel_threads(self.params.shape[0] // 2048):
+                perturb_weights_kernel(self.params, self.layers, bufs.wn)
         with runtime.kernel_threads(n):
             loss, correct, sq = train_kernel(X, targets, self.params, self.grads, self.layers, settings, bufs)
         return float(loss), int(correct), float(sq)

@@ -45,9 +45,9 @@ parameter dtype, as the reference does):
   Its derivative is 1: the backward pass is the one without noise, but the
   weight gradient of the next layer reads h̃ (``_noise_rows``);
 - weight noise (``layer.wnoise_std``): W̃[o, i] = W[o, i] + std·N_{o·fan_in+i}
-  (weight_noise_stream(l)), in a copy (``TrainBuffers.wn``) that the forward
-  products and the backward D·W̃ read; the gradient dL/dW̃ goes to the
-  stored W (``_perturb_weights``);
+  (weight_noise_stream(l)), in a copy (``TrainBuffers.wn``, filled by
+  ``perturb_weights_kernel``) that the forward products and the backward
+  D·W̃ read; the gradient dL/dW̃ goes to the stored W;
 - target noise (``TrainSettings.target_noise_std``, mse only): the loss is
   taken against ỹ[r, c] = y[r, c] + std·N_{r·units+c} (TARGET_NOISE_STREAM).
 A std of 0 skips its pass entirely: bit-identical to no noise.
@@ -333,9 +333,11 @@ def _noisy_weight_rows(W, Wn, b, bn, std, key, r0, r1):
 
 
 @njit(**_PJIT)
-def _perturb_weights(params, layers, out):
+def perturb_weights_kernel(params, layers, out):
     """out = params with every layer's W replaced by W + wnoise_std·N
-    (weight noise: the W̃ one training step runs with; biases copied)."""
+    (weight noise: the W̃ one training step runs with; biases copied). Its
+    own call before ``train_kernel``: the work scales with the parameters,
+    not the batch, so the backend gives it threads by parameter count."""
     for l in range(layers.shape[0]):
         layer = layers[l]
         W = _weight(params, layer)
@@ -538,9 +540,10 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     """Training forward + backward of one batch: fills ``grads`` with
     d(mean loss)/d(params) and returns (mean loss, correct, squared grad
     norm). Input noise (``settings.noise_std`` > 0) goes into ``bufs.xin``;
-    dropout draws come from each layer's drop_key; weight noise (``bufs.wn``
-    non-empty) runs the pass with W̃, target noise (settings) against ỹ; see
-    the module docstring for the structures and the noise formulas."""
+    dropout draws come from each layer's drop_key; with weight noise
+    (``bufs.wn`` non-empty, filled by ``perturb_weights_kernel``) the pass
+    runs with W̃, with target noise (settings) against ỹ; see the module
+    docstring for the structures and the noise formulas."""
     labels = targets.labels
     Y = targets.values
     xin = bufs.xin
@@ -571,7 +574,6 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     # --- noise regularizers (issue 12): weight noise (P: the W̃ copy) and target noise ---
     P = params
     if bufs.wn.shape[0] > 0:
-        _perturb_weights(params, layers, bufs.wn)
         P = bufs.wn
     if settings.target_noise_std > 0.0:
         tstd = settings.target_noise_std
