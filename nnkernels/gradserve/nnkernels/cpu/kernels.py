@@ -47,9 +47,13 @@ parameter dtype, as the reference does):
 - weight noise (``layer.wnoise_std``): W̃[o, i] = W[o, i] + std·N_{o·fan_in+i}
   (weight_noise_stream(l)), in a copy (``TrainBuffers.wn``, filled by
   ``perturb_weights_kernel``) that the forward products and the backward
-  D·W̃ read; the gradient dL/dW̃ goes to the stored W;
+  D·W̃ read; the gradient dL/dW̃ goes to the stored W (neither PyTorch nor
+  Keras has a built-in: it is Graves (2011)'s weight noise, as
+  ``W + std * torch.randn_like(W)`` in the step's forward with the update
+  applied to W);
 - target noise (``TrainSettings.target_noise_std``, mse only): the loss is
-  taken against ỹ[r, c] = y[r, c] + std·N_{r·units+c} (TARGET_NOISE_STREAM).
+  taken against ỹ[r, c] = y[r, c] + std·N_{r·units+c} (TARGET_NOISE_STREAM);
+  ``MSELoss()(out, y + std * torch.randn_like(y))``.
 A std of 0 skips its pass entirely: bit-identical to no noise.
 """
 from __future__ import annotations
