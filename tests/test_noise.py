@@ -327,3 +327,17 @@ def test_noise_fields_travel_through_the_client_and_train_as_the_reference(clien
         client.create_model(4, hidden=[6], output=(3, "softmax"), regularization={"target_noise_std": 0.1})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "regularization.target_noise_std" in err.value.details()
+
+
+def test_the_memory_limit_counts_the_noise_workspaces():
+    """--max-memory-mb's worst case grows by the h buffer (hidden-input
+    noise without dropout), the noisy targets (rows × units) and W̃ (one per
+    parameter), in the model's itemsize."""
+    from gradserve.server.limits import Limits
+    limits = Limits(max_batch_rows=100)
+    plain = ModelSpec(input_size=4, hidden=(LayerSpec(9),), output=OutputSpec(2))
+    base = limits.model_bytes(plain)
+    hidden = dataclasses.replace(plain, hidden=(LayerSpec(9, noise_std=0.1),))
+    assert limits.model_bytes(hidden) - base == 4 * 100 * (9 + 2)
+    reg = dataclasses.replace(plain, regularization=RegularizationSpec(weight_noise_std=0.1, target_noise_std=0.1))
+    assert limits.model_bytes(reg) - base == 4 * (100 * 2 + plain.num_params)
