@@ -1,6 +1,7 @@
 """CudaBackend against the NumPy reference (and the CPU backend) on the same
 seeds: forward, loss, accuracy count, gradients, gradient norm, 20 optimizer
-steps, dropout and input-noise draws, state transfer between devices.
+steps, dropout and noise draws (input, hidden-input, weight, target), state
+transfer between devices.
 
 Shapes are tiny (the simulator runs ~0.1 ms per simulated thread and
 launch): 3→5→4→3 with batches of 1, 5 and 7 rows, so every product has
@@ -131,6 +132,35 @@ def test_dropout_and_input_noise_draw_the_reference_masks(dtype):
     assert not np.allclose(g_train, g_plain)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("out", [(3, "identity"), (3, "softmax")])
+def test_hidden_weight_and_target_noise_draw_the_reference_noise(dtype, out):
+    """Hidden-input noise (after dropout), weight noise (W̃ in the forward and
+    the backward product) and, for regression, target noise: the same draws
+    as the reference; the stored parameters stay clean."""
+    hidden = (LayerSpec(5, "relu", dropout=0.4, noise_std=0.3), LayerSpec(4, "gelu", noise_std=0.2))
+    reg = RegularizationSpec(input_noise_std=0.3, weight_noise_std=0.1,
+                             target_noise_std=0.5 if out[1] == "identity" else 0.0)
+    spec = make_spec(dtype, hidden=hidden, out=out, regularization=reg)
+    X, y = batch(spec, 6)
+    for step in (0, 3):
+        check_forward_and_grads(spec, X, y, step=step)
+    # each kind alone changes the gradient (the draws are really applied)
+    params = init_params(spec)
+    plain = dataclasses.replace(spec, hidden=tuple(dataclasses.replace(l, noise_std=0.0) for l in hidden),
+                                regularization=RegularizationSpec(input_noise_std=0.3))
+    _, _, g_plain = ref.loss_and_grads(plain, params, X, y, 3)
+    kinds = [dataclasses.replace(plain, hidden=hidden),
+             dataclasses.replace(plain, regularization=dataclasses.replace(plain.regularization, weight_noise_std=0.1))]
+    if out[1] == "identity":
+        kinds.append(dataclasses.replace(plain, regularization=dataclasses.replace(plain.regularization,
+                                                                                    target_noise_std=0.5)))
+    for one in kinds:
+        be = CudaBackend(one, params)
+        be.loss_and_grads(X, y, 3)
+        assert not np.allclose(be.get_grads(), g_plain, rtol=1e-3)
+
+
 OPTIMIZERS = {
     "sgd_momentum_dampening_wd": OptimizerSpec("sgd", lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
     "sgd_nesterov": OptimizerSpec("sgd", lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.02),
@@ -193,6 +223,21 @@ def test_clipping_schedule_dropout_noise_training(dtype):
     be = CudaBackend(spec, params)
     run_steps(spec, be, params, state, X, y, 20)
     close(be.get_params(), params, dtype, "params after 20 clipped steps")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_training_with_every_noise_kind(dtype):
+    """20 steps with hidden-input, weight and target noise (new draws each
+    step) track the reference."""
+    spec = make_spec(dtype, hidden=(LayerSpec(5, "tanh", dropout=0.2, noise_std=0.2),), out=(2, "identity"),
+                     optimizer=OptimizerSpec("adam", lr=0.05),
+                     regularization=RegularizationSpec(input_noise_std=0.1, weight_noise_std=0.05, target_noise_std=0.3))
+    X, y = batch(spec, 5)
+    params = init_params(spec)
+    state = init_state(spec.optimizer, params.size, params.dtype)
+    be = CudaBackend(spec, params)
+    run_steps(spec, be, params, state, X, y, 20)
+    close(be.get_params(), params, dtype, "params after 20 noisy steps")
 
 
 def test_state_dict_moves_between_cuda_and_cpu():

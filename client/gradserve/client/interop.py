@@ -198,8 +198,8 @@ def onnx_model(spec: dict, weights: dict[str, np.ndarray], *, opset: int = ONNX_
     out x in), then the hidden activation's nodes; after the last layer the
     output kind (identity, ``Sigmoid``, ``Softmax(axis=1)``). Input
     ``input`` (batch x input_size, batch dynamic), output ``output``, both
-    of the spec's dtype (float32 or float64). Dropout and input noise act
-    only in training and are absent."""
+    of the spec's dtype (float32 or float64). Dropout and the noise
+    regularizers act only in training and are absent."""
     onnx = _need("onnx", "onnx")
     from onnx import helper, numpy_helper
 

@@ -39,18 +39,20 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LayerSpec(_message.Message):
-    __slots__ = ("units", "activation", "negative_slope", "alpha", "dropout")
+    __slots__ = ("units", "activation", "negative_slope", "alpha", "dropout", "noise_std")
     UNITS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_SLOPE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     units: int
     activation: str
     negative_slope: float
     alpha: float
     dropout: float
-    def __init__(self, units: _Optional[int] = ..., activation: _Optional[str] = ..., negative_slope: _Optional[float] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ...) -> None: ...
+    noise_std: float
+    def __init__(self, units: _Optional[int] = ..., activation: _Optional[str] = ..., negative_slope: _Optional[float] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
     __slots__ = ("units", "kind")
@@ -133,12 +135,16 @@ class InitSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., a: _Optional[float] = ..., b: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., gain: _Optional[float] = ...) -> None: ...
 
 class RegularizationSpec(_message.Message):
-    __slots__ = ("input_noise_std", "clip_grad_norm")
+    __slots__ = ("input_noise_std", "clip_grad_norm", "weight_noise_std", "target_noise_std")
     INPUT_NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     CLIP_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     input_noise_std: float
     clip_grad_norm: float
-    def __init__(self, input_noise_std: _Optional[float] = ..., clip_grad_norm: _Optional[float] = ...) -> None: ...
+    weight_noise_std: float
+    target_noise_std: float
+    def __init__(self, input_noise_std: _Optional[float] = ..., clip_grad_norm: _Optional[float] = ..., weight_noise_std: _Optional[float] = ..., target_noise_std: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("input_size", "hidden", "output", "loss", "optimizer", "schedule", "weight_init", "bias_init", "regularization", "dtype", "device", "seed")

@@ -2,7 +2,9 @@
 spec and the registries, so the CPU and CUDA backends derive nothing twice:
 
 - the layer table: one ``LAYER`` record per dense layer (geometry, where its
-  W and b sit in the flat buffer, activation code and parameter, dropout);
+  W and b sit in the flat buffer, activation code and parameter, dropout,
+  the noise on its output and on its W), with ``set_step_keys`` filling in
+  the stream keys of the step being trained;
 - the optimizer's state buffers in the kernels' slot order;
 - the coefficients of one optimizer step, named (``COEFFICIENTS``): every
   scalar the fused optimizer passes read, computed in float64 as torch does
@@ -14,6 +16,7 @@ import math
 
 import numpy as np
 
+from . import rng
 from .params import ParamLayout
 from .registry import ACTIVATIONS, OPTIMIZERS, STATE_SLOTS, ActivationCode
 from .spec import ModelSpec, OptimizerSpec
@@ -28,6 +31,12 @@ LAYER = np.dtype([
     ("act_param", np.float64),  # the activation's parameter (LayerSpec.activation_param)
     ("drop_p", np.float64),     # dropout probability while training; 0 for the output layer
     ("drop_key", np.uint64),    # the dropout stream key of the step being trained: set by each training call
+    # --- noise regularizers (issue 12); keys set by each training call, as drop_key ---
+    ("noise_std", np.float64),  # Gaussian noise on the (dropped-out) activation, the next layer's input; 0 for the output layer
+    ("noise_key", np.uint64),   # its stream key (rng.hidden_noise_stream)
+    ("wnoise_std", np.float64), # Gaussian noise on W while training (RegularizationSpec.weight_noise_std)
+    ("wnoise_key", np.uint64),  # its stream key (rng.weight_noise_stream)
+    # --- end noise regularizers ---
 ])
 
 
@@ -46,9 +55,24 @@ def layer_table(spec: ModelSpec) -> np.ndarray:
             row["act"] = ACTIVATIONS[layer.activation].code
             row["act_param"] = layer.activation_param
             row["drop_p"] = layer.dropout
+            row["noise_std"] = layer.noise_std
         else:
             row["act"] = ActivationCode.IDENTITY
+        row["wnoise_std"] = spec.regularization.weight_noise_std
     return table
+
+
+def set_step_keys(table: np.ndarray, spec: ModelSpec, step: int) -> None:
+    """Fill in the dropout and noise stream keys of training step ``step``
+    (``nnkernels.rng``) where the layer draws them; the others stay as they are."""
+    for i, layer in enumerate(spec.hidden):
+        if layer.dropout > 0:
+            table[i]["drop_key"] = rng.stream_key(spec.seed, step, rng.dropout_stream(i))
+        if layer.noise_std > 0:
+            table[i]["noise_key"] = rng.stream_key(spec.seed, step, rng.hidden_noise_stream(i))
+    if spec.regularization.weight_noise_std > 0:
+        for l in range(table.shape[0]):
+            table[l]["wnoise_key"] = rng.stream_key(spec.seed, step, rng.weight_noise_stream(l))
 
 
 def state_slots(opt: OptimizerSpec, state: dict, empty) -> tuple:

@@ -19,6 +19,20 @@ Conventions shared with every backend (see ``nnkernels.rng``):
   element is multiplied by ``1/(1-p)`` (inverted dropout, torch.nn.Dropout).
 - Input noise (training only): ``x + std·N`` with ``N`` the normal draw
   number ``r·input_size + c`` of ``stream_key(seed, step, NOISE_STREAM)``.
+- Hidden-input noise (training only, ``LayerSpec.noise_std``): hidden layer
+  i's (dropped-out) activation, the next layer's input, becomes
+  ``h + std·N`` with N the normal draw ``r·units + c`` of
+  ``hidden_noise_stream(i)`` (Keras ``GaussianNoise``). Additive noise has
+  derivative 1: the backward pass is unchanged, but the next layer's dW
+  reads the noisy h.
+- Weight noise (training only, ``RegularizationSpec.weight_noise_std``):
+  dense layer l runs with ``W̃ = W + std·N`` (N: draw ``o·fan_in + i`` of
+  ``weight_noise_stream(l)``) in the forward pass and in the backward
+  ``delta @ W̃``; ``dW = delta.T @ h_prev`` is dL/dW̃ and updates W.
+- Target noise (training only, identity output): the loss is taken against
+  ``y + std·N`` (N: draw ``r·units + c`` of ``TARGET_NOISE_STREAM``).
+- Each noise is computed in float64 (std·N), cast to the parameter dtype,
+  then added.
 - ``step`` is the number of optimizer steps already taken.
 """
 from __future__ import annotations
@@ -273,19 +287,49 @@ def input_noise(spec: ModelSpec, step: int, shape):
     return spec.regularization.input_noise_std * rng.normal_array(key, shape[0] * shape[1]).reshape(shape)
 
 
+def gaussian_noise(spec: ModelSpec, step: int, stream: int, std: float, shape):
+    """std·N with N the first prod(shape) normal draws of ``stream`` at
+    ``step``, row-major (float64)."""
+    key = rng.stream_key(spec.seed, step, stream)
+    return std * rng.normal_array(key, int(np.prod(shape))).reshape(shape)
+
+
+def layer_weights(spec: ModelSpec, params, *, training=False, step=0):
+    """Each dense layer's W as the pass uses it: W itself, or while training
+    with weight noise W̃ = W + (std·N).astype(dtype) (a new array)."""
+    std = spec.regularization.weight_noise_std
+    ws = [W for W, _ in ParamLayout(spec).views(params)]
+    if training and std > 0:
+        ws = [W + gaussian_noise(spec, step, rng.weight_noise_stream(l), std, W.shape).astype(W.dtype)
+              for l, W in enumerate(ws)]
+    return ws
+
+
+def noisy_targets(spec: ModelSpec, y, step: int, dtype):
+    """y + (std·N).astype(dtype), in ``dtype`` (the parameters'), with target
+    noise on; else y as given (training)."""
+    std = spec.regularization.target_noise_std
+    if std == 0:
+        return y
+    y = np.asarray(y, dtype)
+    return y + gaussian_noise(spec, step, rng.TARGET_NOISE_STREAM, std, y.shape).astype(dtype)
+
+
 def forward(spec: ModelSpec, params, X, *, training=False, step=0):
     """Returns a cache: ``hs`` (the input to each dense layer, X first),
     ``zs`` and ``as_`` of every hidden layer, ``masks`` (dropout scales or
-    None) and ``logits`` (the output layer's pre-activation)."""
+    None), ``ws`` (each layer's W as used: W̃ under weight noise) and
+    ``logits`` (the output layer's pre-activation)."""
     layout = ParamLayout(spec)
     views = layout.views(params)
     dtype = params.dtype
+    ws = layer_weights(spec, params, training=training, step=step)
     h = X.astype(dtype)
     if training and spec.regularization.input_noise_std > 0:
         h = h + input_noise(spec, step, h.shape).astype(dtype)
-    cache = {"hs": [h], "zs": [], "as_": [], "masks": []}
+    cache = {"hs": [h], "zs": [], "as_": [], "masks": [], "ws": ws}
     for i, layer in enumerate(spec.hidden):
-        W, b = views[i]
+        W, b = ws[i], views[i][1]
         z = h @ W.T + b
         a = ACTIVATIONS[layer.activation][0](z, layer.activation_param).astype(dtype)
         mask = None
@@ -294,12 +338,13 @@ def forward(spec: ModelSpec, params, X, *, training=False, step=0):
             h = a * mask
         else:
             h = a
+        if training and layer.noise_std > 0:
+            h = h + gaussian_noise(spec, step, rng.hidden_noise_stream(i), layer.noise_std, h.shape).astype(dtype)
         cache["zs"].append(z)
         cache["as_"].append(a)
         cache["masks"].append(mask)
         cache["hs"].append(h)
-    W, b = views[-1]
-    cache["logits"] = h @ W.T + b
+    cache["logits"] = h @ ws[-1].T + views[-1][1]
     return cache
 
 
@@ -314,8 +359,9 @@ def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
     flat parameters: returns (loss, correct, grads) with grads in the flat
     layout."""
     layout = ParamLayout(spec)
-    views = layout.views(params)
     cache = forward(spec, params, X, training=True, step=step)
+    if spec.output.kind == "identity":
+        y = noisy_targets(spec, y, step, params.dtype)
     loss, delta = loss_and_delta(spec, cache["logits"], y)
     delta = delta.astype(params.dtype)
     grads = np.zeros_like(params)
@@ -325,7 +371,7 @@ def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
         gW[...] = delta.T @ cache["hs"][i]
         gb[...] = delta.astype(np.float64).sum(axis=0)
         if i > 0:
-            W = views[i][0]
+            W = cache["ws"][i]  # W̃ under weight noise
             layer = spec.hidden[i - 1]
             dh = delta @ W
             if cache["masks"][i - 1] is not None:

@@ -1,5 +1,5 @@
-"""Counter-based random numbers for dropout and input noise, identical on
-every backend.
+"""Counter-based random numbers for dropout and the noise regularizers
+(input, hidden-input, weight and target noise), identical on every backend.
 
 Each training draw is a pure function of (seed, step, stream, index):
 ``stream_key(seed, step, stream)`` is computed once per call on the host, and
@@ -9,7 +9,14 @@ generators", OOPSLA 2014). No state is shared between threads, so draws
 inside ``prange`` or a CUDA grid are reproducible and equal on CPU, GPU and
 in the NumPy reference. Streams: ``NOISE_STREAM`` for the Gaussian input
 noise, ``dropout_stream(i)`` for hidden layer i; the element index is
-``row * width + column``.
+``row * width + column``. The later noise kinds each own a range of 2³²
+stream numbers, clear of the dropout streams (at most ``spec.MAX_LAYERS``
+of them) and of each other: ``hidden_noise_stream(i)`` for the noise on
+hidden layer i's output (the next layer's input; index ``row * units +
+column``), ``weight_noise_stream(l)`` for dense layer l's W (index ``out *
+fan_in + in``, the row-major position in W), ``TARGET_NOISE_STREAM`` for the
+regression targets (index ``row * units + column``). Adding a kind never
+moves an existing stream, so stored models replay their old draws.
 
 ``uniform01`` and ``box_muller`` are written in the Numba subset with explicit
 uint64 constants (mixing uint64 with int64 promotes to float64 in Numba);
@@ -33,6 +40,20 @@ NOISE_STREAM = 0
 
 def dropout_stream(layer: int) -> int:
     return 1 + layer
+
+
+# --- noise kinds added later: one 2**32 range of stream numbers each ---
+TARGET_NOISE_STREAM = 1 << 32
+
+
+def hidden_noise_stream(layer: int) -> int:
+    """Noise on hidden layer ``layer``'s (dropped-out) activation."""
+    return (2 << 32) + layer
+
+
+def weight_noise_stream(layer: int) -> int:
+    """Noise on dense layer ``layer``'s W (the output layer is the last)."""
+    return (3 << 32) + layer
 
 
 def _splitmix64(z: int) -> int:

@@ -79,19 +79,27 @@ class LayerSpec:
     """One hidden dense layer: ``units`` outputs, then ``activation`` (with
     its parameter, when it takes one), then dropout with probability
     ``dropout`` while training (inverted dropout: kept units are scaled by
-    1/(1-p), as torch.nn.Dropout)."""
+    1/(1-p), as torch.nn.Dropout), then, while training, Gaussian noise
+    N(0, noise_std²) added to that (dropped-out) activation, which is the
+    next layer's input (Keras ``GaussianNoise(noise_std)`` placed after the
+    layer and its dropout; noise on the first layer's input is
+    ``RegularizationSpec.input_noise_std``)."""
 
     units: int
     activation: str = "relu"
     negative_slope: float = ACTIVATION_PARAMETERS["negative_slope"].default  # leaky_relu
     alpha: float = ACTIVATION_PARAMETERS["alpha"].default  # elu
     dropout: float = 0.0
+    # --- noise regularizers (issue 12) ---
+    noise_std: float = 0.0
+    # --- end noise regularizers ---
 
     def validate(self, path: str) -> None:
         _count(f"{path}.units", self.units, lo=1, hi=MAX_UNITS)
         _choice(f"{path}.activation", self.activation, tuple(ACTIVATIONS))
         _settings(self, path, ACTIVATION_PARAMETERS)
         _finite(f"{path}.dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        _finite(f"{path}.noise_std", self.noise_std, lo=0.0)
 
     @property
     def activation_param(self) -> float:
@@ -245,14 +253,34 @@ class RegularizationSpec:
     """Gaussian noise N(0, input_noise_std²) added to the inputs while
     training; gradient clipping by global L2 norm when clip_grad_norm > 0
     (torch.nn.utils.clip_grad_norm_). L2 weight decay is the optimizer's
-    ``weight_decay`` (as torch.optim); dropout is per hidden layer."""
+    ``weight_decay`` (as torch.optim); dropout and the noise on a hidden
+    layer's output are per hidden layer (``LayerSpec``).
+
+    Weight noise (``weight_noise_std``): each training step draws a fresh
+    W̃ = W + N(0, weight_noise_std²) for the W of every dense layer (not the
+    biases) and runs its forward and backward pass with W̃; the gradient
+    dL/dW̃ is applied to the stored W, which is what the optimizer updates
+    and Predict uses (W̃ is never stored). One std for all layers, as the
+    course's "add noise to the weights" and Graves (2011)'s weight noise
+    have it, like ``weight_decay``: it is one knob of the whole model, and a
+    per-layer setting can be added beside it without changing this one.
+
+    Target noise (``target_noise_std``): regression only (identity output,
+    mse): each step trains on y + N(0, target_noise_std²); the reported loss
+    is the one against those noisy targets."""
 
     input_noise_std: float = 0.0
     clip_grad_norm: float = 0.0
+    # --- noise regularizers (issue 12) ---
+    weight_noise_std: float = 0.0
+    target_noise_std: float = 0.0
+    # --- end noise regularizers ---
 
     def validate(self, path: str) -> None:
         _finite(f"{path}.input_noise_std", self.input_noise_std, lo=0.0)
         _finite(f"{path}.clip_grad_norm", self.clip_grad_norm, lo=0.0)
+        _finite(f"{path}.weight_noise_std", self.weight_noise_std, lo=0.0)
+        _finite(f"{path}.target_noise_std", self.target_noise_std, lo=0.0)
 
 
 _PARTS = {
@@ -305,6 +333,9 @@ class ModelSpec:
         self.weight_init.validate("weight_init")
         self.bias_init.validate("bias_init")
         self.regularization.validate("regularization")
+        if self.regularization.target_noise_std > 0 and self.output.kind != "identity":
+            raise SpecError("regularization.target_noise_std", self.regularization.target_noise_std,
+                            f"applies only to regression (identity output, mse), not to {self.output.kind!r} output")
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _count("seed", self.seed, lo=0, hi=MAX_SEED)

@@ -22,8 +22,9 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
             input_size=3, hidden=(LayerSpec(4, "relu", dropout=0.25),), output=OutputSpec(3, "softmax"),
             optimizer=OptimizerSpec("adam"), regularization=RegularizationSpec(input_noise_std=0.1),
             dtype=dtype))
-        reg = Model(ModelSpec(input_size=3, hidden=(LayerSpec(4, "tanh"),), output=OutputSpec(1),
-                              optimizer=OptimizerSpec("sgd", momentum=0.9), dtype=dtype))
+        reg = Model(ModelSpec(input_size=3, hidden=(LayerSpec(4, "tanh", noise_std=0.1),), output=OutputSpec(1),
+                              optimizer=OptimizerSpec("sgd", momentum=0.9), dtype=dtype,
+                              regularization=RegularizationSpec(weight_noise_std=0.01, target_noise_std=0.1)))
         for rows in (2, runtime.PARALLEL_MIN_ROWS):
             X = np.linspace(-1, 1, rows * 3).reshape(rows, 3)
             clf.train_step(X, np.arange(rows) % 3)

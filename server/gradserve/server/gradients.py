@@ -14,8 +14,9 @@ Accumulation: each AccumulateGradients(X_i, y_i) computes the gradient
 g_i of the mean loss over its n_i rows (with the dropout/noise draws of the
 next step, as GetGradients) and adds n_i · g_i to a float64 buffer;
 OptimizerStep applies g = Σ n_i g_i / Σ n_i, the gradient of the mean loss
-over all the rows (exactly the full batch's when there is no dropout or
-input noise, whose draws depend on a row's place in its own call), and
+over all the rows (exactly the full batch's when there is no dropout and
+no input, hidden-input or target noise, whose draws depend on a row's place
+in its own call; weight noise draws the same W̃ for every call of a step), and
 reports the row-weighted mean loss.
 """
 from __future__ import annotations

@@ -55,13 +55,18 @@ class Limits:
         is rebuilt from), plus the workspaces nnkernels keeps once a call of
         ``max_batch_rows`` rows has run: training's z, a, d, dropout mask and
         transpose buffers and one forward pair, each activations-per-row ×
-        rows. (Dynamic batching runs one forward per model at a time; without
+        rows, and the noise regularizers' copies (noisy targets per row, W̃
+        once). (Dynamic batching runs one forward per model at a time; without
         it, concurrent Predicts on one model each keep one more pair.)"""
         itemsize = 8 if spec.dtype == "float64" else 4
         state = spec.num_params * (2 + OPTIMIZER_SLOTS.get(spec.optimizer.name, 3))
         per_row = sum(spec.layer_sizes[1:])  # activations per row, every layer
-        has_dropout = any(layer.dropout > 0 for layer in spec.hidden)
+        has_dropout = any(layer.dropout > 0 or layer.noise_std > 0 for layer in spec.hidden)  # the h buffer
         workspace = self.max_batch_rows * (per_row * (4 + has_dropout + 2) + spec.input_size)
+        # --- noise regularizers (issue 12) ---
+        reg = spec.regularization
+        workspace += self.max_batch_rows * spec.output.units * (reg.target_noise_std > 0)
+        workspace += spec.num_params * (reg.weight_noise_std > 0)
         return itemsize * (2 * state + workspace) + 16 * self.max_batch_rows
 
     def check_memory(self, spec, in_use: int) -> None:

@@ -8,11 +8,20 @@ import numpy as np
 from .. import rng, runtime
 from ..backend import Backend
 from ..finite import all_finite
-from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients, state_slots
+from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients, set_step_keys, state_slots
 from ..params import ParamLayout
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
-from .kernels import NORM_BLOCK, ForwardBuffers, Targets, TrainBuffers, TrainSettings, forward_kernel, train_kernel
+from .kernels import (
+    NORM_BLOCK,
+    ForwardBuffers,
+    Targets,
+    TrainBuffers,
+    TrainSettings,
+    forward_kernel,
+    perturb_weights_kernel,
+    train_kernel,
+)
 from .optimizer import optimizer_kernel
 
 
@@ -28,9 +37,13 @@ class _TrainWorkspace:
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
         self.dt = np.empty(rows * per_row, dtype)  # d transposed, per layer
-        has_dropout = any(l.dropout > 0 for l in spec.hidden)
+        has_dropout = any(l.dropout > 0 or l.noise_std > 0 for l in spec.hidden)  # h: dropped-out and/or noisy
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
+        # --- noise regularizers (issue 12): W̃ (one per model, any batch size) and ỹ ---
+        reg = spec.regularization
+        self.wn = np.empty(spec.num_params if reg.weight_noise_std > 0 else 0, dtype)
+        self.yn = np.empty(rows * sizes[-1] if reg.target_noise_std > 0 else 0, dtype)
         self.rowloss = np.empty(rows, np.float64)
         self.rowcorrect = np.empty(rows, np.int64)
         self._views: tuple[int, TrainBuffers] | None = None
@@ -41,10 +54,12 @@ class _TrainWorkspace:
         if self._views is None or self._views[0] != n:
             m = n * (self.z.shape[0] // self.rows)
             inputs = self.xin.shape[0] // self.rows
+            outputs = self.yn.shape[0] // self.rows
             self._views = (n, TrainBuffers(
                 xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
                 z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt[:m],
-                rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials))
+                rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials,
+                wn=self.wn, yn=self.yn[:n * outputs].reshape(n if outputs else 0, outputs)))
         return self._views[1]
 
 
@@ -78,6 +93,7 @@ class CpuBackend(Backend):
         self._logits_kind = int(OutputCode.IDENTITY)
         self._smoothing = float(spec.loss.label_smoothing)
         self._noise_std = float(spec.regularization.input_noise_std)
+        self._target_noise_std = float(spec.regularization.target_noise_std)
         self._partials = np.empty(max(1, -(-self.layout.size // NORM_BLOCK)), np.float64)
         self._train_ws: _TrainWorkspace | None = None
         self._no_labels = np.empty(0, np.int64)
@@ -127,14 +143,17 @@ class CpuBackend(Backend):
     def loss_and_grads(self, X, y, step):
         n = X.shape[0]
         spec = self.spec
-        for i, layer in enumerate(spec.hidden):
-            if layer.dropout > 0:
-                self.layers[i]["drop_key"] = rng.stream_key(spec.seed, step, rng.dropout_stream(i))
+        set_step_keys(self.layers, spec, step)  # dropout, hidden-input and weight noise
         noise_key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM) if self._noise_std > 0 else 0
+        tstd = self._target_noise_std
+        target_key = rng.stream_key(spec.seed, step, rng.TARGET_NOISE_STREAM) if tstd > 0 else 0
         settings = TrainSettings(self._out_kind, self._smoothing, 1.0 / spec.output.counted(n), self._noise_std,
-                                 np.uint64(noise_key))
+                                 np.uint64(noise_key), tstd, np.uint64(target_key))
         targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
         bufs = self._workspace(n).buffers(n, self._partials)
+        if bufs.wn.shape[0] > 0:  # weight noise: this step's W̃, threads by parameter count as the optimizer
+            with runtime.kernel_threads(self.params.shape[0] // 2048):
+                perturb_weights_kernel(self.params, self.layers, bufs.wn)
         with runtime.kernel_threads(n):
             loss, correct, sq = train_kernel(X, targets, self.params, self.grads, self.layers, settings, bufs)
         return float(loss), int(correct), float(sq)

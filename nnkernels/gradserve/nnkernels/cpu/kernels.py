@@ -4,7 +4,8 @@ activation + loss, and the backward pass over the flat buffers (layout:
 
 Interfaces, named rather than positional:
 - ``layers``: the layer table, one ``kernel_args.LAYER`` record per dense
-  layer (geometry, W/b offsets, activation code and parameter, dropout);
+  layer (geometry, W/b offsets, activation code and parameter, dropout,
+  hidden-output and weight noise);
 - ``Targets``, ``TrainSettings``, ``TrainBuffers``, ``ForwardBuffers``: the
   batch's targets, the per-call scalars and the workspaces (namedtuples;
   each kernel reads their fields before its parallel loops, which cannot).
@@ -33,6 +34,27 @@ Design rules:
 - Numba's on-disk cache notices edits of this file only: what the kernels
   read from elsewhere (the registry's codes, ``nnkernels.rng``) is frozen in
   the cache until this file changes (the registry's codes never change).
+
+Noise regularizers while training (draws: ``nnkernels.rng``; N_k is the
+normal draw number k of the named stream, added after a cast to the
+parameter dtype, as the reference does):
+- input noise: X̃[r, c] = X[r, c] + std·N_{r·inputs+c} (NOISE_STREAM);
+- hidden-input noise (``layer.noise_std``): the next layer's input is
+  h̃[r, c] = h[r, c] + std·N_{r·units+c} (hidden_noise_stream(i)), h the
+  dropped-out activation; Keras ``GaussianNoise(std)`` after the layer.
+  Its derivative is 1: the backward pass is the one without noise, but the
+  weight gradient of the next layer reads h̃ (``_noise_rows``);
+- weight noise (``layer.wnoise_std``): W̃[o, i] = W[o, i] + std·N_{o·fan_in+i}
+  (weight_noise_stream(l)), in a copy (``TrainBuffers.wn``, filled by
+  ``perturb_weights_kernel``) that the forward products and the backward
+  D·W̃ read; the gradient dL/dW̃ goes to the stored W (neither PyTorch nor
+  Keras has a built-in: it is Graves (2011)'s weight noise, as
+  ``W + std * torch.randn_like(W)`` in the step's forward with the update
+  applied to W);
+- target noise (``TrainSettings.target_noise_std``, mse only): the loss is
+  taken against ỹ[r, c] = y[r, c] + std·N_{r·units+c} (TARGET_NOISE_STREAM);
+  ``MSELoss()(out, y + std * torch.randn_like(y))``.
+A std of 0 skips its pass entirely: bit-identical to no noise.
 """
 from __future__ import annotations
 
@@ -72,22 +94,29 @@ class Targets(NamedTuple):
 class TrainSettings(NamedTuple):
     """The scalars of one training call: the output kind (OutputCode), the
     label smoothing ε, 1/count (count: what the loss is a mean over,
-    ``OutputSpec.counted``), and the input noise's std and stream key."""
+    ``OutputSpec.counted``), the input noise's std and stream key, and the
+    target noise's (regression)."""
 
     out_kind: int
     label_smoothing: float
     inv_count: float
     noise_std: float
     noise_key: np.uint64
+    # --- noise regularizers (issue 12) ---
+    target_noise_std: float
+    target_noise_key: np.uint64
 
 
 class TrainBuffers(NamedTuple):
     """Workspaces of one training call on n rows. ``z``, ``a``, ``h``
-    (dropped-out activations, only where a layer has dropout), ``d`` (dL/dz)
-    and ``dt`` (d transposed) hold every layer's n × units block, laid out by
-    the layer table's unit_offset; ``xin`` (n × inputs) the noisy input when
-    noise is on; ``rowloss``/``rowcorrect`` per-row partials; ``partials``
-    the squared-norm partial sums (NORM_BLOCK elements each)."""
+    (dropped-out and/or noisy activations, only where a layer has dropout or
+    hidden-input noise), ``d`` (dL/dz) and ``dt`` (d transposed) hold every
+    layer's n × units block, laid out by the layer table's unit_offset;
+    ``xin`` (n × inputs) the noisy input when noise is on; ``rowloss``/
+    ``rowcorrect`` per-row partials; ``partials`` the squared-norm partial
+    sums (NORM_BLOCK elements each); ``wn`` the weight-noise copy of the
+    flat parameters (empty when weight noise is off), ``yn`` (n × units) the
+    noisy targets when target noise is on."""
 
     xin: np.ndarray
     z: np.ndarray
@@ -98,6 +127,9 @@ class TrainBuffers(NamedTuple):
     rowloss: np.ndarray
     rowcorrect: np.ndarray
     partials: np.ndarray
+    # --- noise regularizers (issue 12) ---
+    wn: np.ndarray
+    yn: np.ndarray
 
 
 class ForwardBuffers(NamedTuple):
@@ -282,6 +314,49 @@ def _dropout_rows(A, Hd, p, key, r0, r1):
 
 
 @njit(**_JIT)
+def _noise_rows(Src, Dst, std, key, r0, r1):
+    """Dst[r] = Src[r] + std·N for rows r0..r1 (Src may be Dst): element
+    (r, c) adds the normal draw number r·width + c of stream ``key``, cast
+    to the array's dtype first (as the reference adds it). Hidden-input
+    noise (Keras GaussianNoise) and target noise."""
+    u = Src.shape[1]
+    for i in range(r0, r1):
+        for j in range(u):
+            k = i * u + j
+            g = box_muller(uniform01(key, 2 * k), uniform01(key, 2 * k + 1))
+            Dst[i, j] = Src[i, j] + Dst.dtype.type(std * g)
+
+
+@njit(**_JIT)
+def _noisy_weight_rows(W, Wn, b, bn, std, key, r0, r1):
+    """Rows r0..r1 (output units) of one layer's weight-noise copy:
+    Wn[o] = W[o] + std·N (draw o·fan_in + i, see ``_noise_rows``), bn[o] = b[o]."""
+    _noise_rows(W, Wn, std, key, r0, r1)
+    for o in range(r0, r1):
+        bn[o] = b[o]
+
+
+@njit(**_PJIT)
+def perturb_weights_kernel(params, layers, out):
+    """out = params with every layer's W replaced by W + wnoise_std·N
+    (weight noise: the W̃ one training step runs with; biases copied). Its
+    own call before ``train_kernel``: the work scales with the parameters,
+    not the batch, so the backend gives it threads by parameter count."""
+    for l in range(layers.shape[0]):
+        layer = layers[l]
+        W = _weight(params, layer)
+        Wn = _weight(out, layer)
+        b = _bias(params, layer)
+        bn = _bias(out, layer)
+        std = layer.wnoise_std
+        key = layer.wnoise_key
+        fo = layer.fan_out
+        nb, per = _row_blocks(fo, layer.fan_in)
+        for k in prange(nb):
+            _noisy_weight_rows(W, Wn, b, bn, std, key, k * per, min(fo, (k + 1) * per))
+
+
+@njit(**_JIT)
 def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
     """Rows r0..r1 of the layer below's dL/dz from dL/d(its output) in Dp:
     times its dropout mask·1/(1-p), times f'(z); written to Dp and, as
@@ -312,7 +387,10 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
     layer with dropout then writes its dropped-out A to its block of hbuf,
     the next layer's input: element (r, c) is kept, times 1/(1-p), when
     uniform01(drop_key, r·units + c) >= p (inverted dropout, as
-    torch.nn.Dropout). Inference passes an empty hbuf: no dropout."""
+    torch.nn.Dropout); a layer with noise_std > 0 then adds its Gaussian
+    noise to that block (``_noise_rows``; Keras GaussianNoise), so hbuf holds
+    exactly the next layer's input. Inference passes an empty hbuf: no
+    dropout, no noise."""
     n = H.shape[0]
     for l in range(layers.shape[0]):
         layer = layers[l]
@@ -334,6 +412,14 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
             for k in prange(nb):
                 _dropout_rows(A, Hd, pk, key, k * per, min(n, (k + 1) * per))
             H = Hd
+        # --- noise regularizers (issue 12): hidden-input noise on the (dropped-out) activation ---
+        ns = layer.noise_std
+        if ns > 0.0 and hbuf.shape[0] > 0:
+            Hn = _rows(hbuf, n, layer)
+            nkey = layer.noise_key
+            for k in prange(nb):
+                _noise_rows(H, Hn, ns, nkey, k * per, min(n, (k + 1) * per))
+            H = Hn
 
 
 @njit(**_PJIT)
@@ -458,8 +544,10 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     """Training forward + backward of one batch: fills ``grads`` with
     d(mean loss)/d(params) and returns (mean loss, correct, squared grad
     norm). Input noise (``settings.noise_std`` > 0) goes into ``bufs.xin``;
-    dropout draws come from each layer's drop_key; see the module docstring
-    for the structures."""
+    dropout draws come from each layer's drop_key; with weight noise
+    (``bufs.wn`` non-empty, filled by ``perturb_weights_kernel``) the pass
+    runs with W̃, with target noise (settings) against ỹ; see the module
+    docstring for the structures and the noise formulas."""
     labels = targets.labels
     Y = targets.values
     xin = bufs.xin
@@ -487,7 +575,18 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
                 g = box_muller(uniform01(noise_key, 2 * k), uniform01(noise_key, 2 * k + 1))
                 xin[i, j] = X[i, j] + noise_std * g
         H = xin
-    _forward_layers(H, params, layers, zbuf, abuf, hbuf)
+    # --- noise regularizers (issue 12): weight noise (P: the W̃ copy) and target noise ---
+    P = params
+    if bufs.wn.shape[0] > 0:
+        P = bufs.wn
+    if settings.target_noise_std > 0.0:
+        tstd = settings.target_noise_std
+        tkey = settings.target_noise_key
+        nbt, pert = _row_blocks(n, Y.shape[1])
+        for k in prange(nbt):
+            _noise_rows(Y, bufs.yn, tstd, tkey, k * pert, min(n, (k + 1) * pert))
+        Y = bufs.yn
+    _forward_layers(H, P, layers, zbuf, abuf, hbuf)
     # loss and output delta
     out_layer = layers[L - 1]
     Zo = _rows(zbuf, n, out_layer)
@@ -515,7 +614,7 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
         Dt = _rows_t(tbuf, n, layer)
         if l == 0:
             Hin = xin if noise_std > 0.0 else X
-        elif layers[l - 1].drop_p > 0.0:
+        elif layers[l - 1].drop_p > 0.0 or layers[l - 1].noise_std > 0.0:
             Hin = _rows(hbuf, n, layers[l - 1])
         else:
             Hin = _rows(abuf, n, layers[l - 1])
@@ -528,7 +627,7 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
             grads[boff + j] = s
         if l > 0:
             below = layers[l - 1]
-            W = _weight(params, layer)
+            W = _weight(P, layer)  # W̃ under weight noise
             Dp = _rows(dbuf, n, below)
             Dpt = _rows_t(tbuf, n, below)
             _blocked_dot(D, W, Dp)

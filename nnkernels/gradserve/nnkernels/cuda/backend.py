@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import rng
 from ..backend import Backend
-from ..kernel_args import layer_table, optimizer_coefficients, state_slots
+from ..kernel_args import layer_table, optimizer_coefficients, set_step_keys, state_slots
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
 from . import SIMULATOR
@@ -76,6 +76,7 @@ class _Context:
             self.Xn = arr(cap, s[0])
             self.dZ = [arr(cap, s[i + 1]) for i in range(L)]
             self.Y = arr(cap, s[-1])
+            self.Yn = arr(cap, s[-1])  # the noisy targets (target noise)
             self.labels = arr(cap, dtype=np.int64)
             self.rowloss = arr(cap, dtype=np.float64)
             self.rowcorrect = arr(cap, dtype=np.float64)
@@ -116,6 +117,13 @@ class CudaBackend(Backend):
         self._b = [self._bias(self.d_params, l) for l in self.layers]
         self._dW = [self._weight(self.d_grads, l) for l in self.layers]
         self._db = [self._bias(self.d_grads, l) for l in self.layers]
+        # --- noise regularizers (issue 12): the step's W̃ (weight noise), never copied back ---
+        self._weight_noise = float(spec.regularization.weight_noise_std)
+        self._target_noise = float(spec.regularization.target_noise_std)
+        self._Wn = self._W
+        if self._weight_noise > 0:
+            self.d_wnoisy = cuda.device_array(self.num_params, self.dtype, stream=s)
+            self._Wn = [self._weight(self.d_wnoisy, l) for l in self.layers]
         self._state_names = state_names(spec.optimizer)
         self.d_state = {name: cuda.to_device(buf, stream=s)
                         for name, buf in init_state(spec.optimizer, self.num_params, self.dtype).items()}
@@ -147,15 +155,16 @@ class CudaBackend(Backend):
     def _bias(flat, layer):
         return flat[layer["b_offset"]:layer["b_offset"] + layer["fan_out"]]
 
-    def _epilogue(self, i: int, key: int) -> LayerEpilogue:
-        """Layer i's epilogue while training with dropout key ``key``."""
-        return self._infer[i]._replace(drop_key=np.uint64(key), drop_p=self._dropout[i])
+    def _epilogue(self, i: int) -> LayerEpilogue:
+        """Layer i's epilogue while training, with the dropout key
+        ``set_step_keys`` put in the layer table."""
+        return self._infer[i]._replace(drop_key=np.uint64(self.layers[i]["drop_key"]), drop_p=self._dropout[i])
 
-    def _linear_forward(self, ctx, i, A_in, n, *, Z, Out, epilogue, store_z):
+    def _linear_forward(self, ctx, i, A_in, n, *, Z, Out, epilogue, store_z, W=None):
         k = self.k
         fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
         k.linear_forward[k.grid_tiles(n, fan_out), (k.tile, k.tile), ctx.stream](
-            A_in, self._W[i], self._b[i], Z, Out, n, fan_in, fan_out, epilogue, store_z)
+            A_in, self._W[i] if W is None else W, self._b[i], Z, Out, n, fan_in, fan_out, epilogue, store_z)
 
     # -- Backend -----------------------------------------------------------
     def forward(self, X: np.ndarray, logits: bool = False) -> np.ndarray:
@@ -214,14 +223,30 @@ class CudaBackend(Backend):
             key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
             k.add_noise[k.grid_1d(n * self.sizes[0]), k.threads, s](Xd, A0, n, self.sizes[0], std, np.uint64(key))
         inputs = [A0]
-        epilogues = [self._epilogue(i, rng.stream_key(spec.seed, step, rng.dropout_stream(i))
-                                    if self._dropout[i] > 0 else 0) for i in range(self.L)]
+        set_step_keys(self.layers, spec, step)
+        epilogues = [self._epilogue(i) for i in range(self.L)]
+        # --- noise regularizers (issue 12): the step's W̃ = W + std·N, and noisy targets ---
+        Ws = self._Wn
+        if self._weight_noise > 0:
+            for i in range(self.L):
+                fan_in, fan_out = self.sizes[i], self.sizes[i + 1]
+                k.add_noise[k.grid_1d(fan_out * fan_in), k.threads, s](
+                    self._W[i], Ws[i], fan_out, fan_in, self._weight_noise, np.uint64(self.layers[i]["wnoise_key"]))
+        if self._target_noise > 0 and not labels:
+            Yn = ctx.Yn[:n]
+            key = rng.stream_key(spec.seed, step, rng.TARGET_NOISE_STREAM)
+            k.add_noise[k.grid_1d(n * m_out), k.threads, s](Yd, Yn, n, m_out, self._target_noise, np.uint64(key))
+            Yd = Yn
         A = A0
         for i in range(self.L):
             hidden = i < self.L - 1
             Z = ctx.Z[i][:n]
             Out = ctx.A[i + 1][:n] if hidden else Z
-            self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, epilogue=epilogues[i], store_z=int(hidden))
+            self._linear_forward(ctx, i, A, n, Z=Z, Out=Out, epilogue=epilogues[i], store_z=int(hidden), W=Ws[i])
+            noise_std = float(self.layers[i]["noise_std"])
+            if noise_std > 0:  # hidden-input noise, in place on the (dropped-out) activation: the next input
+                k.add_noise[k.grid_1d(n * self.sizes[i + 1]), k.threads, s](
+                    Out, Out, n, self.sizes[i + 1], noise_std, np.uint64(self.layers[i]["noise_key"]))
             A = Out
             inputs.append(A)
 
@@ -246,7 +271,7 @@ class CudaBackend(Backend):
                 dZ, inputs[i], self._dW[i], self._db[i], n, fan_in, fan_out)
             if i > 0:
                 k.linear_backward_input[k.grid_tiles(n, fan_in), (k.tile, k.tile), s](
-                    dZ, self._W[i], ctx.Z[i - 1][:n], ctx.dZ[i - 1][:n], n, fan_in, fan_out, epilogues[i - 1])
+                    dZ, Ws[i], ctx.Z[i - 1][:n], ctx.dZ[i - 1][:n], n, fan_in, fan_out, epilogues[i - 1])
 
         self._sq_norm(s)
         self.d_scalars.copy_to_host(ctx.result, stream=s)

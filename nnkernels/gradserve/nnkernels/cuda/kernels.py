@@ -2,7 +2,7 @@
 dtype and launch geometry from the sources of each concern:
 
 - ``products``: the three matrix products of a dense layer, fused epilogues;
-- ``losses``: input noise, the output activation, output activation + loss;
+- ``losses``: the noise pass, the output activation, output activation + loss;
 - ``reductions``: float64 block reductions (loss, correct count, grad norm);
 - ``optimizers``: the fused optimizer pass;
 - ``device``: the device functions they share (activations, the staged-tile
@@ -27,9 +27,10 @@ Numerics: products accumulate in the model's dtype (as cuBLAS does for fp32
 without TF32); bias gradients (fused into the weight-gradient product),
 losses, accuracy counts and the squared gradient norm are accumulated in
 float64, and the two-stage reductions are deterministic (no atomics). Random
-draws for dropout and input noise are ``nnkernels.rng``'s counter-based
-SplitMix64 compiled as device functions, so the GPU draws the same masks and
-noise as the CPU backend and the NumPy reference.
+draws for dropout and the noise regularizers (input, hidden-input, weight
+and target noise, all through ``add_noise``) are ``nnkernels.rng``'s
+counter-based SplitMix64 compiled as device functions, so the GPU draws the
+same masks and noise as the CPU backend and the NumPy reference.
 """
 from __future__ import annotations
 

@@ -37,7 +37,13 @@ def kernels(target, dev) -> dict:
         return mx, amax, mx + math.log(s)
 
     def add_noise(X, Xn, n, k, std, key):
-        """Xn = X + std·N(0, 1), normal draw number row*k + col of stream key."""
+        """Xn = X + T(std·N(0, 1)), normal draw number row*k + col of stream
+        key; X may be Xn (in place). Input noise (X: n×inputs), hidden-input
+        noise (a hidden layer's dropped-out activation, in place; Keras
+        GaussianNoise), target noise (the targets) and weight noise (X: one
+        layer's W, fan_out×fan_in, so the draw is o·fan_in + i). The draw
+        runs in float64 (as the reference), in its own kernel so the
+        products stay float32 for float32 models."""
         start = cuda.grid(1)
         stride = cuda.gridsize(1)
         for i in range(start, n * k, stride):
