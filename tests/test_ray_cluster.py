@@ -114,3 +114,149 @@ def test_dropout_is_refused_with_replicas(cluster):
     spec = _spec(2, hidden=[{"units": 4, "dropout": 0.5}])
     with pytest.raises(SpecError, match="replicas"):
         check_parallel_spec(spec)
+
+
+# -- front-ends and owners -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frontends(cluster, tmp_path_factory):
+    """Two stateless front-ends (gRPC servers in this process) attached to the cluster, one store root."""
+    from gradserve.server.app import GradServer, ServerConfig
+    store = str(tmp_path_factory.mktemp("ray-store") / "gradserve.db")
+    servers = [GradServer(ServerConfig(port=0, store=store, ray_address=cluster, workers=4, grace_s=1,
+                                       ray_checksum_steps=5)) for _ in range(2)]
+    for s in servers:
+        s.start()
+    yield [f"127.0.0.1:{s.port}" for s in servers]
+    for s in servers:
+        s.stop()
+
+
+SPEC = dict(input_size=4, hidden=[(8, "tanh")], output=(3, "softmax"), optimizer={"name": "adam", "lr": 0.01},
+            dtype="float64", seed=7)
+
+
+def _reference(batches) -> dict:
+    """The same steps on one process, in this one."""
+    model = Model(ModelSpec.from_dict({"input_size": 4, "hidden": [{"units": 8, "activation": "tanh"}],
+                                       "output": {"units": 3, "kind": "softmax"},
+                                       "optimizer": {"name": "adam", "lr": 0.01}, "dtype": "float64", "seed": 7}))
+    for X, y in batches:
+        model.train_step(X, y)
+    return model.get_weights()
+
+
+def _batches4(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(16, 4)), rng.integers(0, 3, 16)) for _ in range(count)]
+
+
+def test_two_frontends_drive_one_model(frontends):
+    import threading
+
+    from gradserve.client import Client
+    clients = [Client(t, timeout=60, retries=8) for t in frontends]
+    try:
+        models = [c.create_model(**SPEC, model_id="shared") for c in clients]  # the second create finds the first
+        assert models[0].model_id == models[1].model_id == "shared"
+        steps = [[], []]
+
+        def drive(i):
+            for X, y in _batches4(6, i):
+                steps[i].append(models[i].train_step(X, y).step)
+        threads = [threading.Thread(target=drive, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(steps[0] + steps[1]) == list(range(1, 13))  # every step counted once, by one owner
+        assert models[0].step == models[1].step == 12
+        assert [m.model_id for m in clients[1].list_models()] == ["shared"]
+        w0, w1 = models[0].get_weights(), models[1].get_weights()
+        assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+        models[1].delete()
+        assert clients[0].list_models() == []
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_killed_owner_comes_back_at_its_last_acknowledged_step(frontends):
+    import signal
+    import threading
+    import time
+
+    from gradserve.client import Client
+    from gradserve.server.cluster.owner import NAMESPACE, actor_name
+    batches = _batches4(24, 42)
+    with Client(frontends[0], timeout=60, retries=12, backoff=0.2) as c:
+        model = c.create_model(**SPEC, model_id="phoenix")
+        owner = ray.get_actor(actor_name("phoenix"), namespace=NAMESPACE)
+        first = ray.get(owner.ping.remote())
+        acked = []
+        killed = threading.Event()
+
+        def kill_after(n):
+            while len(acked) < n:
+                time.sleep(0.005)
+            os.kill(first["pid"], signal.SIGKILL)
+            killed.set()
+        killer = threading.Thread(target=kill_after, args=(8,))
+        killer.start()
+        for X, y in batches:
+            acked.append(model.train_step(X, y).step)
+        killer.join()
+        assert killed.is_set()
+        again = ray.get(owner.ping.remote())
+        assert again["pid"] != first["pid"] and again["restarted"] is True
+        assert acked == list(range(1, 25))  # no acknowledged step lost, none applied twice
+        assert model.step == 24
+        expected = _reference(batches)
+        got = model.get_weights()
+        assert all(np.array_equal(got[k], expected[k]) for k in expected)  # bit for bit: the log replays exactly
+        model.delete()
+
+
+def test_replicated_model_through_a_frontend(frontends):
+    from gradserve.client import Client
+    from gradserve.server.cluster.owner import NAMESPACE, actor_name
+    batches = _batches4(10, 5)
+    with Client(frontends[1], timeout=120, retries=3) as c:
+        model = c.create_model(**SPEC, replicas=2, model_id="dp")
+        assert model.info.spec["replicas"] == 2
+        for X, y in batches:
+            model.train_step(X, y)
+        expected = _reference(batches)
+        got = model.get_weights()
+        for k in expected:
+            assert np.max(np.abs(got[k] - expected[k])) <= 1e-12 * np.max(np.abs(expected[k])), k
+        info = ray.get(ray.get_actor(actor_name("dp"), namespace=NAMESPACE).replica_info.remote())
+        assert len(info["replicas"]) == 2 and info["resyncs"] == 0 and info["timing"]["steps"] == 10
+        model.delete()
+
+
+def test_single_process_server_refuses_replicas_and_imports_no_ray(tmp_path):
+    import subprocess
+    import sys
+    code = """
+import sys
+from gradserve.server.app import GradServer, ServerConfig
+from gradserve.client import Client
+s = GradServer(ServerConfig(port=0, store=sys.argv[1], grace_s=1))
+s.start()
+import grpc
+with Client(f"127.0.0.1:{s.port}", retries=0) as c:
+    c.create_model(2, output=1).train_step([[0.0, 1.0]], [[1.0]])
+    try:
+        c.create_model(2, output=1, replicas=2)
+    except grpc.RpcError as exc:
+        print(exc.code().name, exc.details())
+s.stop()
+print("ray" in sys.modules, any(m.startswith("ray.") for m in sys.modules))
+"""
+    from service_fixtures import source_env
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.db")], env=source_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2].startswith("FAILED_PRECONDITION") and "--ray-address" in lines[-2]
+    assert lines[-1] == "False False"
