@@ -103,8 +103,12 @@ def test_replicas_identical_after_20_steps_and_resynced_when_not(cluster, caplog
         X, y = next(_batches(1))
         group.step(local, local._inputs(X), local._targets(y, len(X)))
         assert len(set(group.checksums(local))) == 1
+        # each replica's thread budget is its reservation (1 CPU), and it loads the kernels from this process's cache
+        import numba
         info = group.describe()
-        assert [d["budget"] for d in info] == [1, 1] and len({d["pid"] for d in info}) == 2
+        assert [d["budget"] for d in info] == [1, 1] and [d["numba_num_threads"] for d in info] == [1, 1]
+        assert len({d["pid"] for d in info}) == 2
+        assert {d["numba_cache_dir"] for d in info} == {numba.config.CACHE_DIR or "(beside the sources)"}
     finally:
         group.close()
 
