@@ -264,3 +264,27 @@ print("ray" in sys.modules, any(m.startswith("ray.") for m in sys.modules))
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith("FAILED_PRECONDITION") and "--ray-address" in lines[-2]
     assert lines[-1] == "False False"
+
+
+def test_killed_owner_of_a_replicated_model_places_its_replicas_again(frontends):
+    import signal
+
+    from gradserve.client import Client
+    from gradserve.server.cluster.owner import NAMESPACE, actor_name
+    batches = _batches4(6, 9)
+    with Client(frontends[0], timeout=180, retries=12, backoff=0.2) as c:
+        model = c.create_model(**SPEC, replicas=2, model_id="dp-phoenix")
+        for X, y in batches[:3]:
+            model.train_step(X, y)
+        owner = ray.get_actor(actor_name("dp-phoenix"), namespace=NAMESPACE)
+        os.kill(ray.get(owner.ping.remote())["pid"], signal.SIGKILL)
+        for X, y in batches[3:]:
+            model.train_step(X, y)
+        assert model.step == 6
+        expected, got = _reference(batches), model.get_weights()
+        for k in expected:
+            assert np.max(np.abs(got[k] - expected[k])) <= 1e-12 * np.max(np.abs(expected[k])), k
+        info = ray.get(owner.replica_info.remote())
+        # the new owner placed new replicas: its steps are the 3 new ones and those it replayed from the log
+        assert len(info["replicas"]) == 2 and 3 <= info["timing"]["steps"] <= 6
+        model.delete()

@@ -170,7 +170,14 @@ class DataParallelGroup:
         self.steps = 0
         self.timing = {"compute_s": 0.0, "allreduce_s": 0.0, "steps": 0}
         self._lock = threading.Lock()
-        self.pg = placement_group([{"CPU": cpus}] * self.n, strategy="PACK")
+        name = f"replicas:{label}" if label else ""
+        if name:  # a previous incarnation of this model's owner died holding it
+            try:
+                remove_placement_group(ray.util.get_placement_group(name))
+                log.warning("event=stale_placement_group_removed model_id=%s", label)
+            except ValueError:
+                pass
+        self.pg = placement_group([{"CPU": cpus}] * self.n, strategy="PACK", name=name)
         try:
             ray.get(self.pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
