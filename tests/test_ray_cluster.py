@@ -109,6 +109,10 @@ def test_replicas_identical_after_20_steps_and_resynced_when_not(cluster, caplog
         assert [d["budget"] for d in info] == [1, 1] and [d["numba_num_threads"] for d in info] == [1, 1]
         assert len({d["pid"] for d in info}) == 2
         assert {d["numba_cache_dir"] for d in info} == {numba.config.CACHE_DIR or "(beside the sources)"}
+        from gradserve.nnkernels.cpu.kernels import train_kernel
+        for d in info:  # the kernels were loaded from the cache this process uses, not compiled
+            assert d["kernel_cache"]["misses"] == 0 and d["kernel_cache"]["hits"] >= 2, d["kernel_cache"]
+            assert d["kernel_cache"]["cache_path"] == train_kernel.stats.cache_path
     finally:
         group.close()
 

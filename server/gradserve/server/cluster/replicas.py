@@ -67,7 +67,7 @@ from gradserve.nnkernels import Model, ModelSpec, NonFiniteError, NotTrainableEr
 from gradserve.nnkernels.registry import clip_coefficient, scheduled_lr
 
 from ..registry import ModelUnavailable
-from .runtime import actor_env, configure_actor
+from .runtime import actor_env, configure_actor, kernel_cache_stats
 
 log = logging.getLogger("gradserve.cluster")
 
@@ -115,7 +115,7 @@ class Replica:
         self.model = Model(ModelSpec.from_dict(spec_dict), state)
 
     def describe(self) -> dict:
-        return {**self.runtime, "index": self.index, "step": self.model.step}
+        return {**self.runtime, "index": self.index, "step": self.model.step, "kernel_cache": kernel_cache_stats()}
 
     def load(self, spec_dict: dict, state: dict) -> None:
         self.model = Model(ModelSpec.from_dict(spec_dict), state)

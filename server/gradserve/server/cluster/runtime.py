@@ -53,6 +53,18 @@ def actor_env(cpus: float) -> dict:
     return {"env_vars": env}
 
 
+def kernel_cache_stats() -> dict:
+    """Numba's cache hits and misses of the CPU training kernels in this
+    process: a miss is a compile, a hit a load from the shared cache."""
+    from gradserve.nnkernels.cpu.kernels import forward_kernel, train_kernel
+    from gradserve.nnkernels.cpu.optimizer import optimizer_kernel
+    hits = misses = 0
+    for kernel in (train_kernel, optimizer_kernel, forward_kernel):
+        hits += sum(kernel.stats.cache_hits.values())
+        misses += sum(kernel.stats.cache_misses.values())
+    return {"hits": hits, "misses": misses, "cache_path": train_kernel.stats.cache_path}
+
+
 def configure_actor(cpus: float) -> dict:
     """In an actor: sets the kernels' thread budget from its reservation;
     returns what it runs with (for logs and tests)."""
