@@ -78,17 +78,18 @@ def main() -> None:
         try:
             Xn, yn = local._inputs(X), local._targets(y, len(X))
             group.step(local, Xn, yn)  # the replicas load their kernels
-            for k in group.timing:
-                group.timing[k] = 0 if k == "steps" else 0.0
+            group.timing.update(dict.fromkeys(group.timing, 0))
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 group.step(local, Xn, yn)
             per = (time.perf_counter() - t0) / args.steps
             compute = group.timing["compute_s"] / group.timing["steps"]
+            kernel = group.timing["kernel_s"] / group.timing["steps"]
             reduce = group.timing["allreduce_s"] / group.timing["steps"]
             # per replica and step: its (N-1)/N of the float64 slices in, and of the reduced slices (model dtype) in
             moved = (n - 1) / n * spec.num_params * (8 + itemsize)
-            print(f"N={n}: {1 / per:8.1f} steps/s  ({per * 1e3:.2f} ms/step: compute {compute * 1e3:.2f} ms, "
+            print(f"N={n}: {1 / per:8.1f} steps/s  ({per * 1e3:.2f} ms/step: "
+                  f"compute {compute * 1e3:.2f} ms (kernels {kernel * 1e3:.2f}), "
                   f"all-reduce {reduce * 1e3:.2f} ms; {moved / 1e6:.2f} MB moved per replica and step, "
                   f"{args.batch / per:,.0f} samples/s, {base / per:.2f}x one process)")
             assert len(set(group.checksums(local))) == 1

@@ -56,6 +56,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 
 import crc32c
 import numpy as np
@@ -130,11 +131,13 @@ class Replica:
         """N weighted float64 slices of this shard's gradient, then (loss, correct, sq)."""
         if step != self.model.step:
             raise RuntimeError(f"replica {self.index} is at step {self.model.step}, the step is {step}")
+        t0 = time.perf_counter()
         loss, correct, sq = self.model.backend.loss_and_grads(X, y, step)
+        seconds = time.perf_counter() - t0
         g = self.model.backend.get_grads().astype(np.float64)
         if weight != 1.0:
             g *= weight
-        return (*[g[a:b] for a, b in cuts], (loss, correct, sq))
+        return (*[g[a:b] for a, b in cuts], (loss, correct, sq, seconds))
 
     def reduce_slice(self, dtype: str, *parts):
         """Σ parts in the order given, in float64, cast to ``dtype``; with its squared norm."""
@@ -168,7 +171,8 @@ class DataParallelGroup:
         self.label = label
         self.resyncs = 0
         self.steps = 0
-        self.timing = {"compute_s": 0.0, "allreduce_s": 0.0, "steps": 0}
+        # seconds summed over steps: the shard phase, the slowest shard's kernels within it, the rest
+        self.timing = {"compute_s": 0.0, "kernel_s": 0.0, "allreduce_s": 0.0, "steps": 0}
         self._lock = threading.Lock()
         name = f"replicas:{label}" if label else ""
         if name:  # a previous incarnation of this model's owner died holding it
@@ -237,7 +241,6 @@ class DataParallelGroup:
         """One data-parallel optimizer step of ``model`` on (X, y), already
         validated (``Model._inputs``/``_targets``); raises NonFiniteError,
         model unchanged, when the loss or gradient is not finite."""
-        import time
         if not model.spec.trainable:
             raise NotTrainableError("every hidden layer is a 'step' unit (zero derivative): nothing can be trained")
         with self._lock:
@@ -262,7 +265,7 @@ class DataParallelGroup:
             sqs = ray.get([r[1] for r in reduced])
             loss = 0.0
             correct = 0
-            for (weight, _), (loss_i, correct_i, _) in zip(shards, stats):
+            for (weight, _), (loss_i, correct_i, _, _) in zip(shards, stats):
                 loss += weight * loss_i
                 correct += correct_i
             sq = stats[0][2] if self.n == 1 else math.fsum(sqs)
@@ -279,6 +282,7 @@ class DataParallelGroup:
             self._mark(model)
             t2 = time.perf_counter()
             self.timing["compute_s"] += t1 - t0
+            self.timing["kernel_s"] += max(s[3] for s in stats)
             self.timing["allreduce_s"] += t2 - t1
             self.timing["steps"] += 1
             self.steps += 1
