@@ -188,7 +188,7 @@ def test_two_frontends_drive_one_model(frontends):
             c.close()
 
 
-def test_killed_owner_comes_back_at_its_last_acknowledged_step(frontends):
+def test_killed_owner_comes_back_at_its_last_acknowledged_step(frontends, caplog):
     import signal
     import threading
     import time
@@ -210,9 +210,12 @@ def test_killed_owner_comes_back_at_its_last_acknowledged_step(frontends):
             killed.set()
         killer = threading.Thread(target=kill_after, args=(8,))
         killer.start()
-        for X, y in batches:
-            acked.append(model.train_step(X, y).step)
+        with caplog.at_level("WARNING", logger="gradserve.cluster"):
+            for X, y in batches:
+                acked.append(model.train_step(X, y).step)
         killer.join()
+        # the calls made while the owner restarted were refused UNAVAILABLE (retry-safe) and retried by the client
+        assert "event=owner_unavailable model_id=phoenix" in caplog.text
         assert killed.is_set()
         again = ray.get(owner.ping.remote())
         assert again["pid"] != first["pid"] and again["restarted"] is True
