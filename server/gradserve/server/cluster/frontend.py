@@ -13,11 +13,12 @@ checkpoints, ``apply_gradients``, ``accumulate_gradients``,
 Data sets and server-side Fit are not served in this mode (FAILED_PRECONDITION).
 
 Failures: an owner that is restarting, or that died during a call, makes
-the call UNAVAILABLE. It is retry-safe (``OwnerRestarting``) when the call
+the call UNAVAILABLE (Ray's ActorUnavailableError/ActorDiedError do not say
+whether the call ran). It is retry-safe (``OwnerRestarting``) when the call
 could not have changed the model (a read) or its retry is deduplicated
 (TrainStep with ``expected_step``; the create of a named model; delete);
-otherwise ``OwnerLost``, without the trailer. Calls made while Ray restarts
-the owner wait for it (up to ``call_timeout_s``).
+otherwise ``OwnerLost``, without the trailer. An owner that does not answer
+within ``call_timeout_s`` is UNAVAILABLE (retry-safe only as above).
 """
 from __future__ import annotations
 
@@ -147,8 +148,9 @@ class ClusterRegistry:
         try:
             status, value = ray.get(getattr(handle.owner, method).remote(*args), timeout=self.call_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise OwnerRestarting(f"model {handle.model_id!r}: its owner did not answer within "
-                                  f"{self.call_timeout_s:.0f} s") from None
+            kind = OwnerRestarting if safe else OwnerLost  # it may still apply the call
+            raise kind(f"model {handle.model_id!r}: its owner did not answer within "
+                       f"{self.call_timeout_s:.0f} s") from None
         except ray.exceptions.RayActorError as exc:
             try:
                 self._owner(handle.model_id)
