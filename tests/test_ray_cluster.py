@@ -234,8 +234,9 @@ def test_replicated_model_through_a_frontend(frontends):
     with Client(frontends[1], timeout=120, retries=3) as c:
         model = c.create_model(**SPEC, replicas=2, model_id="dp")
         assert model.info.spec["replicas"] == 2
-        for X, y in batches:
+        for X, y in batches[:4]:
             model.train_step(X, y)
+        assert [r.step for r in model.train_stream(batches[4:])] == list(range(5, 11))  # TrainStream too
         expected = _reference(batches)
         got = model.get_weights()
         for k in expected:
