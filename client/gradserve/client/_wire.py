@@ -28,7 +28,7 @@ def _part(value, key: str = "name") -> dict | None:
 
 def build_spec(input_size: int, hidden=(), output=None, *, loss=None, optimizer=None, schedule=None,
                weight_init=None, bias_init=None, regularization=None, dtype=None, device=None,
-               seed=None) -> dict[str, Any]:
+               seed=None, replicas=None) -> dict[str, Any]:
     """The spec dict for ``create_model``'s keyword arguments, which mirror
     ``nnkernels.ModelSpec``. Shorthands: a hidden layer may be ``units`` or
     ``(units, activation)``; ``output`` may be ``units`` (identity) or
@@ -47,7 +47,8 @@ def build_spec(input_size: int, hidden=(), output=None, *, loss=None, optimizer=
     spec = {"input_size": input_size, "hidden": layers, "output": _part(output, "units"),
             "loss": _part(loss), "optimizer": _part(optimizer), "schedule": _part(schedule),
             "weight_init": _part(weight_init), "bias_init": _part(bias_init),
-            "regularization": regularization, "dtype": dtype, "device": device, "seed": seed}
+            "regularization": regularization, "dtype": dtype, "device": device, "seed": seed,
+            "replicas": replicas}  # replicas > 1: data-parallel on a server started with --ray-address
     return {k: v for k, v in spec.items() if v is not None}
 
 

@@ -153,7 +153,7 @@ class Client(_Connection):
                      **spec_kwargs) -> "RemoteModel":
         """Creates a model (kwargs mirror ``nnkernels.ModelSpec``: loss,
         optimizer, schedule, weight_init, bias_init, regularization, dtype,
-        device, seed). The call is idempotent: without ``model_id`` the client
+        device, seed, replicas). The call is idempotent: without ``model_id`` the client
         picks one (a uuid) before the first attempt."""
         spec = _wire.build_spec(input_size, hidden, output, **spec_kwargs)
         info = _wire.model_info(self._call("CreateModel", _wire.create_request(spec, model_id or new_model_id())))

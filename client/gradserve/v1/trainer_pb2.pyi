@@ -147,7 +147,7 @@ class RegularizationSpec(_message.Message):
     def __init__(self, input_noise_std: _Optional[float] = ..., clip_grad_norm: _Optional[float] = ..., weight_noise_std: _Optional[float] = ..., target_noise_std: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("input_size", "hidden", "output", "loss", "optimizer", "schedule", "weight_init", "bias_init", "regularization", "dtype", "device", "seed")
+    __slots__ = ("input_size", "hidden", "output", "loss", "optimizer", "schedule", "weight_init", "bias_init", "regularization", "dtype", "device", "seed", "replicas")
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class ModelSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     input_size: int
     hidden: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     output: OutputSpec
@@ -172,7 +173,8 @@ class ModelSpec(_message.Message):
     dtype: str
     device: str
     seed: int
-    def __init__(self, input_size: _Optional[int] = ..., hidden: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., weight_init: _Optional[_Union[InitSpec, _Mapping]] = ..., bias_init: _Optional[_Union[InitSpec, _Mapping]] = ..., regularization: _Optional[_Union[RegularizationSpec, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, input_size: _Optional[int] = ..., hidden: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ..., output: _Optional[_Union[OutputSpec, _Mapping]] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., schedule: _Optional[_Union[ScheduleSpec, _Mapping]] = ..., weight_init: _Optional[_Union[InitSpec, _Mapping]] = ..., bias_init: _Optional[_Union[InitSpec, _Mapping]] = ..., regularization: _Optional[_Union[RegularizationSpec, _Mapping]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., seed: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("spec", "model_id")

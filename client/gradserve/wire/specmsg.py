@@ -58,6 +58,8 @@ def spec_from_message(msg: pb.ModelSpec) -> dict[str, Any]:
             out[key] = getattr(msg, key)
     if msg.HasField("seed"):
         out["seed"] = msg.seed
+    if msg.replicas:
+        out["replicas"] = msg.replicas
     return out
 
 
@@ -74,7 +76,7 @@ def spec_to_message(data: dict[str, Any], out: pb.ModelSpec | None = None) -> pb
                 _fill_part(msg.hidden.add(), layer, f"hidden[{i}]")
         elif key in _PART_MESSAGES:
             _fill_part(getattr(msg, key), value, key)
-        elif key in ("input_size", "dtype", "device", "seed"):
+        elif key in ("input_size", "dtype", "device", "seed", "replicas"):
             _fill_part(msg, {key: value}, "spec")
         else:
             raise ValueError(f"{key}: unknown field of ModelSpec")

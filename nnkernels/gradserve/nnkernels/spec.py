@@ -40,6 +40,7 @@ DEVICES = ("cpu", "cuda")
 MAX_UNITS = 1 << 20
 MAX_LAYERS = 256
 MAX_PARAMS = (1 << 31) - 1
+MAX_REPLICAS = 1024  # data-parallel replicas of one model (one Ray actor each)
 MAX_SEED = (1 << 63) - 1
 
 
@@ -308,6 +309,9 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    # data-parallel replicas on a Ray cluster (gradserve.server.cluster); only a
+    # server started with --ray-address trains a model with more than one
+    replicas: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
@@ -339,6 +343,7 @@ class ModelSpec:
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
         _count("seed", self.seed, lo=0, hi=MAX_SEED)
+        _count("replicas", self.replicas, lo=1, hi=MAX_REPLICAS)
         if self.num_params > MAX_PARAMS:
             raise SpecError("hidden", [l.units for l in self.hidden], f"{self.num_params} parameters exceed {MAX_PARAMS}")
 

@@ -58,6 +58,10 @@ class ServerConfig:
     tls_client_ca: str = ""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     tensorboard_dir: str = ""  # "": no training curves
+    # --ray-address: a front-end of a Ray cluster (gradserve.server.cluster), imported only then
+    ray_address: str = ""
+    ray_cpus_per_model: float = 1.0
+    ray_checksum_steps: int = 100
 
 
 def warm_up_kernels(kernel_threads: int = 0, default_device: str = "cpu") -> tuple[float, str, dict]:
@@ -197,10 +201,17 @@ class GradServer:
         cfg = self.config
         t0 = time.perf_counter()
         sync = cfg.sqlite_sync or ("FULL" if cfg.durability.mode == "step" else "NORMAL")
-        # --durability none keeps models in memory only: no store is opened
-        self.store = SqliteStore(cfg.store, synchronous=sync) if cfg.durability.mode != "none" else None
-        self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
-                                      default_device=cfg.default_device)
+        if cfg.ray_address:  # models live in their owner actors, each with its own store under STORE.models/
+            from .cluster.frontend import ClusterRegistry
+            self.registry = ClusterRegistry(
+                address=cfg.ray_address, store=cfg.store, durability=cfg.durability, sqlite_sync=cfg.sqlite_sync,
+                limits=cfg.limits, default_device=cfg.default_device, cpus_per_model=cfg.ray_cpus_per_model,
+                checksum_steps=cfg.ray_checksum_steps)
+        else:
+            # --durability none keeps models in memory only: no store is opened
+            self.store = SqliteStore(cfg.store, synchronous=sync) if cfg.durability.mode != "none" else None
+            self.registry = ModelRegistry(self.store, limits=cfg.limits, durability=cfg.durability,
+                                          default_device=cfg.default_device)
         self.predictor = PredictBatcher(self.registry, cfg.batching, self.metrics.inference)
         if cfg.tensorboard_dir:
             from .curves import TrainingCurves

@@ -70,6 +70,13 @@ SERVE_FLAGS = [
     ("tls-client-ca", str, "", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
     ("tensorboard-dir", str, "", "write each model's loss, accuracy, lr and gradient norm per step as TensorBoard "
                                  "event files, one run directory per model (needs gradserve[tensorboard])"),
+    # --ray-address: a stateless front-end of a Ray cluster (gradserve.server.cluster; needs gradserve[ray])
+    ("ray-address", str, "", "serve models from a Ray cluster: its address, 'auto', or 'local' to start one "
+                             "here; each model lives in a named actor, replicas=N trains on N actors "
+                             "(needs gradserve[ray]); empty: this process holds every model"),
+    ("ray-cpus-per-model", float, 1.0, "--ray-address: CPUs each model's owner (replicas=1) or each replica "
+                                       "reserves; its kernel thread budget"),
+    ("ray-checksum-steps", int, 100, "--ray-address: compare the replicas' checksums every this many steps"),
 ]
 CHOICES = {"durability": ("step", "interval", "none"), "sqlite-sync": ("", "full", "normal"),
            "log-format": ("kv", "json"), "dynamic-batching": ("on", "off"),
@@ -145,7 +152,9 @@ def config_from_args(args):
         default_device=args.default_device, grace_s=args.grace_s,
         kernel_threads=args.kernel_threads, metrics_port=args.metrics_port, auth_token=token, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir, auth_tokens=tokens)
+        batching=batching_from_args(args), tensorboard_dir=args.tensorboard_dir, auth_tokens=tokens,
+        ray_address=args.ray_address, ray_cpus_per_model=args.ray_cpus_per_model,
+        ray_checksum_steps=args.ray_checksum_steps)
 
 
 def batching_from_args(args):

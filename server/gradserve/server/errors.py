@@ -30,6 +30,7 @@ from gradserve.wire.status import mark_retry_safe
 from gradserve.wire.tensor import TensorError
 
 from .batching import CallCancelled, CallDeadlineExceeded
+from .cluster.errors import OwnerLost
 from .datasets import DatasetNotFound
 from .limits import LimitExceeded
 from .registry import (
@@ -97,6 +98,8 @@ class NotServing(Exception):
 # exception types -> (status code, retry-safe); the first match wins
 STATUS = (
     ((NotServing, ShuttingDown), grpc.StatusCode.UNAVAILABLE, True),
+    # --ray-address: a model's owner actor died during a mutation that may have been logged
+    (OwnerLost, grpc.StatusCode.UNAVAILABLE, False),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, True),
     # within the limits yet out of memory: --max-memory-mb is set above what the machine has
     # (logged with its traceback; not retry-safe: the call may have got part-way)

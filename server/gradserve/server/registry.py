@@ -253,6 +253,9 @@ class ModelRegistry:
             WriteAheadLog(self.log_dir, segment_bytes=int(durability.segment_mb * (1 << 20)))
             if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
+        # data-parallel replicas (spec.replicas > 1) are trained only by a Ray
+        # owner actor (gradserve.server.cluster.owner), which sets this
+        self.replicas_allowed = False
         self._lock = threading.Lock()  # guards _models and _datasets_in_use
         self.datasets = DatasetCatalog(store, limits)
         self._datasets_in_use: dict[str, int] = {}  # data set id -> Fit calls training on it
@@ -547,6 +550,9 @@ class ModelRegistry:
         spec_dict.setdefault("device", self.default_device)
         spec = ModelSpec.from_dict(spec_dict)
         self.limits.check_spec(spec)
+        if spec.replicas > 1 and not self.replicas_allowed:
+            raise ModelUnavailable(f"spec.replicas={spec.replicas}: data-parallel replicas need a server started "
+                                   "with --ray-address")
         if model_id:
             with self._lock:
                 existing = self._models.get(model_id)
