@@ -214,12 +214,15 @@ class Model:
     def _data_inputs(self, X) -> np.ndarray:
         """A data set's inputs for ``train_steps``: shape checked; float32 and
         float64 C-contiguous arrays kept as they are (read-only too: the
-        steps cast the rows they gather), others converted once."""
+        steps cast the rows they gather), others converted once. Returns a
+        read-only view."""
         a = _real_array(X, "inputs")
         if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != self.spec.input_size:
             raise InputError("inputs", f"must be 2-D (rows >= 1, {self.spec.input_size}), got shape {a.shape}")
         if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
             a = _normalized(a, self.dtype)
+        a = a.view()
+        a.flags.writeable = False  # always read-only (stored data sets are): one compiled signature, not two
         return a
 
     def _accuracy(self, correct: int, n: int):

@@ -20,6 +20,7 @@ kind it does not know stops that model's replay there and says so.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -104,6 +105,10 @@ class FitStepsResult:
     error: Exception | None = None
 
 
+# an epoch's order serves all its runs (a permutation of 60,000 rows costs ~1 ms); read only
+_epoch_order = functools.lru_cache(maxsize=8)(epoch_order)
+
+
 def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
     """Steps ``first .. first + steps - 1`` of epoch ``epoch`` (0-based) of
     the schedule in ``gradserve.wire.shuffle``, in one ``Model.train_steps``
@@ -114,7 +119,7 @@ def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
         raise ValueError(f"fit record of version {m.version}: data set {m.fields['dataset']!r} not attached")
     X, y = m.source
     f = m.fields
-    order = epoch_order(f["seed"], f["epoch"], len(X), f["shuffle"])
+    order = _epoch_order(f["seed"], f["epoch"], len(X), f["shuffle"])
     r = model.train_steps(X, y, order, f["batch_size"], f["first"], f["steps"])
     return FitStepsResult(r.results, r.rows, r.error)
 

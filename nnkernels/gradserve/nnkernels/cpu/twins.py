@@ -26,6 +26,7 @@ from __future__ import annotations
 import types
 
 from numba import njit
+from numba.core.caching import FunctionCache
 from numba.core.registry import CPUDispatcher
 
 _TWINS: dict[int, CPUDispatcher] = {}
@@ -64,6 +65,7 @@ def serial_twin(dispatcher: CPUDispatcher) -> CPUDispatcher:
     copy.__module__ = fn.__module__
     copy.__doc__ = fn.__doc__
     options = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("parallel", "nopython")}
+    options["cache"] = isinstance(dispatcher._cache, FunctionCache)  # not a target option: kept apart by Numba
     options["error_model"] = "numpy"  # as prange bodies are compiled: x/0 is inf or NaN, not ZeroDivisionError
     twin = _TWINS[id(dispatcher)] = njit(**options)(copy)
     return twin
