@@ -63,7 +63,7 @@ def _normalized(a: np.ndarray, dtype) -> np.ndarray:
 class Model:
     """One MLP: ``Model(spec, state=None)``; ``state`` is a ``state_dict()``
     to resume from. Not thread-safe for training: callers serialize
-    train_step / set_weights / load_state_dict per model; predict may run
+    train_step / train_steps / set_weights / load_state_dict per model; predict may run
     concurrently with predict and gradients."""
 
     def __init__(self, spec: ModelSpec, state: dict | None = None):
