@@ -32,9 +32,11 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
             reg.train_step(X, X[:, :1])
             reg.predict(X, logits=True)
             order = np.arange(rows)[::-1].copy()  # a compiled run of steps (the Fit's), labels and values
-            data = X.astype(dtype)  # data sets are stored in the model's dtype (the common case)
-            clf.train_steps(data, np.arange(rows) % 3, order, rows)
-            reg.train_steps(data, X[:, :1], order, rows)
+            # data sets are stored as uploaded: float32 or float64 whatever the model's dtype (NumPy's default
+            # float64 for a float32 model is common), each a signature of the run
+            for data in (X.astype("float32"), X):
+                clf.train_steps(data, np.arange(rows) % 3, order, rows)
+            reg.train_steps(X.astype(dtype), X[:, :1], order, rows)
         clf.set_weights(clf.get_weights())  # 1-D and 2-D finiteness checks
         clf.load_state_dict(clf.state_dict())
     return time.perf_counter() - t0, runtime.check_threading_layer()
