@@ -312,7 +312,8 @@ def test_predict_during_a_fit_sees_whole_steps_only_and_steps_are_counted(server
     remote = client.create_model(**SPEC)
     before = train_steps_total(server)
     seen, done = [], threading.Event()
-    thread = threading.Thread(target=lambda: (remote.fit(X, y, epochs=2, batch_size=4, seed=2, progress=False),
+    # runs last ~50 ms or an epoch, whichever is less: six epochs give Predict several states to see
+    thread = threading.Thread(target=lambda: (remote.fit(X, y, epochs=6, batch_size=4, seed=2, progress=False),
                                               done.set()))
     thread.start()
     while not done.is_set():
@@ -321,7 +322,7 @@ def test_predict_during_a_fit_sees_whole_steps_only_and_steps_are_counted(server
     assert done.is_set() and len(set(seen)) > 2  # predictions came from several states of the model
     local = local_twin(remote)
     states = {local.predict(probe).tobytes()}
-    for _, Xb, yb in fit_batches(X, y, epochs=2, batch_size=4, seed=2):
+    for _, Xb, yb in fit_batches(X, y, epochs=6, batch_size=4, seed=2):
         local.train_step(Xb, yb)
         states.add(local.predict(probe).tobytes())
     assert set(seen) <= states  # each one is the model after a whole number of steps

@@ -42,9 +42,9 @@ def _batches(steps: int, rows: int = 37):
         yield rng.normal(size=(rows, 6)), rng.integers(0, 3, rows)
 
 
-def _run(replicas: int, steps: int, dtype: str = "float64"):
+def _run(replicas: int, steps: int, dtype: str = "float64", **extra):
     from gradserve.server.cluster.replicas import DataParallelGroup
-    spec = _spec(replicas, dtype)
+    spec = _spec(replicas, dtype, **extra)
     single, local = Model(spec), Model(spec)
     group = DataParallelGroup(spec, local.state_dict(), cpus=1)
     try:
@@ -65,8 +65,10 @@ def test_one_replica_is_bit_identical_to_one_process(cluster):
     assert len(set(sums)) == 1
 
 
-def test_two_replicas_equal_one_process_within_1e_12(cluster):
-    single, local, sums, pairs = _run(2, 5)
+@pytest.mark.parametrize("extra", [{}, {"regularization": {"clip_grad_norm": 0.2, "weight_noise_std": 0.05}}],
+                         ids=["plain", "weight-noise"])
+def test_two_replicas_equal_one_process_within_1e_12(cluster, extra):
+    single, local, sums, pairs = _run(2, 5, **extra)
     clipped = 0
     for a, b in pairs:
         assert a.step == b.step and a.accuracy == b.accuracy and a.lr == b.lr
@@ -117,11 +119,22 @@ def test_replicas_identical_after_20_steps_and_resynced_when_not(cluster, caplog
         group.close()
 
 
-def test_dropout_is_refused_with_replicas(cluster):
+@pytest.mark.parametrize("extra", [
+    {"hidden": [{"units": 4, "dropout": 0.5}]},
+    {"hidden": [{"units": 4, "noise_std": 0.1}]},
+    {"regularization": {"input_noise_std": 0.1}},
+    {"output": {"units": 3, "kind": "identity"}, "regularization": {"target_noise_std": 0.1}},
+])
+def test_per_row_draws_are_refused_with_replicas(cluster, extra):
     from gradserve.server.cluster.replicas import check_parallel_spec
-    spec = _spec(2, hidden=[{"units": 4, "dropout": 0.5}])
     with pytest.raises(SpecError, match="replicas"):
-        check_parallel_spec(spec)
+        check_parallel_spec(_spec(2, **extra))
+    check_parallel_spec(_spec(1, **extra))  # one replica draws as one process
+
+
+def test_weight_noise_is_allowed_with_replicas(cluster):
+    from gradserve.server.cluster.replicas import check_parallel_spec
+    check_parallel_spec(_spec(2, regularization={"weight_noise_std": 0.1}))  # per weight, the same on every replica
 
 
 # -- front-ends and owners -----------------------------------------------------------------

@@ -60,6 +60,21 @@ class Backend(ABC):
         when off). ``t`` is the 1-based step number (bias correction);
         ``lr`` the scheduled learning rate for this step."""
 
+    def train_steps(self, X: np.ndarray, y: np.ndarray, order: np.ndarray, first: int, steps: int, batch_size: int,
+                    step: int) -> tuple[int, np.ndarray] | None:
+        """A run of training steps in one device call: batch b (first ..
+        first + steps - 1) is the rows ``order[b·batch_size:(b+1)·batch_size]``
+        of X and y, each step exactly ``loss_and_grads`` then ``step`` as
+        ``Model.train_step`` drives them from optimizer step ``step`` on,
+        stopping before the first step whose loss or gradient norm is not
+        finite. X: (rows, inputs) float32 or float64, C-contiguous, maybe
+        read-only; y as for ``loss_and_grads`` with all rows; order: int64 in
+        [0, rows). Returns (steps applied, table) with ``table[s] = (loss,
+        correct, squared gradient norm, rows)`` for every step tried; or
+        None, this default, when the backend has no such call (``Model``
+        then drives the steps one by one)."""
+        return None
+
     @abstractmethod
     def get_params(self) -> np.ndarray:
         """A host copy of the flat parameter buffer."""

@@ -30,6 +30,17 @@ class StepResult:
     lr: float
 
 
+@dataclass(frozen=True)
+class StepsResult:
+    """What ``Model.train_steps`` did: one StepResult and the batch's rows
+    per step applied, and the NonFiniteError of the step that stopped the
+    run early (that step and the rest were not applied), else None."""
+
+    results: list
+    rows: list
+    error: NonFiniteError | None = None
+
+
 def _real_array(value, field: str) -> np.ndarray:
     try:
         a = np.asarray(value)
@@ -52,7 +63,7 @@ def _normalized(a: np.ndarray, dtype) -> np.ndarray:
 class Model:
     """One MLP: ``Model(spec, state=None)``; ``state`` is a ``state_dict()``
     to resume from. Not thread-safe for training: callers serialize
-    train_step / set_weights / load_state_dict per model; predict may run
+    train_step / train_steps / set_weights / load_state_dict per model; predict may run
     concurrently with predict and gradients."""
 
     def __init__(self, spec: ModelSpec, state: dict | None = None):
@@ -141,6 +152,78 @@ class Model:
             self._backend.step(lr, self.step + 1, scale)
             self.step += 1
         return StepResult(self.step, loss, self._accuracy(correct, X.shape[0]), norm, lr)
+
+    def train_steps(self, X, y, order, batch_size: int, first: int = 0, steps: int | None = None) -> StepsResult:
+        """Optimizer steps on batches of (X, y) taken in ``order``: step s
+        trains on rows ``order[b·B:(b+1)·B]`` (b = first + s, B =
+        ``batch_size``; the last batch holds what remains), exactly as
+        ``train_step(X[rows], y[rows])`` would, bit for bit (dropout and
+        noise draws, schedule and clipping included). ``steps`` defaults to
+        the rest of ``order``. Stops before the first step whose loss or
+        gradient is not finite and returns its error in the result (the
+        model at its last finite step) instead of raising.
+
+        The CPU backend runs every step inside one compiled call
+        (``cpu.epochs``); a backend without one is driven step by step. X is
+        checked for shape here, not for NaN/Inf (a whole data set per call
+        would cost more than the steps: check it once, as ``train_step``'s
+        batches are): a non-finite input shows as a non-finite step."""
+        if not self.spec.trainable:
+            raise NotTrainableError("every hidden layer is a 'step' unit (zero derivative): nothing can be trained")
+        X = self._data_inputs(X)
+        y = self._targets(y, X.shape[0])
+        order = _real_array(order, "order")
+        if order.ndim != 1 or order.dtype.kind not in "iu" or (
+                order.size and (order.min() < 0 or order.max() >= X.shape[0])):
+            raise InputError("order", f"must be 1-D integer row indices in [0, {X.shape[0]})")
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        if batch_size < 1:
+            raise InputError("batch_size", f"is {batch_size}: must be >= 1")
+        batches = -(-order.shape[0] // batch_size)
+        steps = batches - first if steps is None else steps
+        if not (0 <= first and 0 <= steps and first + steps <= batches):
+            raise InputError("steps", f"batches {first} .. {first + steps - 1} are not within the {batches} "
+                             f"batches of {batch_size} rows of order")
+        out = StepsResult([], [])
+        with self._grad_lock:
+            run = self._backend.train_steps(X, y, order, first, steps, batch_size, self.step) if steps else (0, None)
+        if run is None:
+            for b in range(first, first + steps):
+                rows = order[b * batch_size:(b + 1) * batch_size]
+                try:
+                    out.results.append(self.train_step(X[rows], y[rows]))
+                except NonFiniteError as exc:
+                    return StepsResult(out.results, out.rows, exc)
+                out.rows.append(len(rows))
+            return out
+        done, table = run
+        for s in range(done):
+            loss, correct, sq, n = table[s]
+            n = int(n)
+            lr = scheduled_lr(self.spec.schedule, self.spec.optimizer.lr, self.step)
+            self.step += 1
+            out.results.append(StepResult(self.step, float(loss), self._accuracy(int(correct), n), math.sqrt(sq), lr))
+            out.rows.append(n)
+        if done < steps:
+            loss, _, sq = (float(v) for v in table[done, :3])
+            norm = math.sqrt(sq) if sq >= 0 else float("nan")
+            return StepsResult(out.results, out.rows, NonFiniteError(
+                f"step {self.step + 1} not applied: loss={loss!r}, gradient norm={norm!r}"))
+        return out
+
+    def _data_inputs(self, X) -> np.ndarray:
+        """A data set's inputs for ``train_steps``: shape checked; float32 and
+        float64 C-contiguous arrays kept as they are (read-only too: the
+        steps cast the rows they gather), others converted once. Returns a
+        read-only view."""
+        a = _real_array(X, "inputs")
+        if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != self.spec.input_size:
+            raise InputError("inputs", f"must be 2-D (rows >= 1, {self.spec.input_size}), got shape {a.shape}")
+        if a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
+            a = _normalized(a, self.dtype)
+        a = a.view()
+        a.flags.writeable = False  # always read-only (stored data sets are): one compiled signature, not two
+        return a
 
     def _accuracy(self, correct: int, n: int):
         """The share of rows or elements (what the output kind counts) classified right; None for regression."""

@@ -14,7 +14,7 @@ from .spec import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec, Regularizatio
 def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
     """Run a tiny model through every kernel signature the CPU backend uses
     (per dtype: int labels and float targets, inference, the optimizer pass,
-    small and parallel batch sizes). Returns (seconds taken, threading
+    small and parallel batch sizes, a compiled run of steps). Returns (seconds taken, threading
     layer); raises RuntimeError when the layer is not thread-safe."""
     t0 = time.perf_counter()
     for dtype in dtypes:
@@ -32,6 +32,12 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
             clf.predict(X)
             reg.train_step(X, X[:, :1])
             reg.predict(X, logits=True)
+            order = np.arange(rows)[::-1].copy()  # a compiled run of steps (the Fit's), labels and values
+            # data sets are stored as uploaded: float32 or float64 whatever the model's dtype (NumPy's default
+            # float64 for a float32 model is common), each a signature of the run
+            for data in (X.astype("float32"), X):
+                clf.train_steps(data, np.arange(rows) % 3, order, rows)
+            reg.train_steps(X.astype(dtype), X[:, :1], order, rows)
         clf.set_weights(clf.get_weights())  # 1-D and 2-D finiteness checks
         clf.load_state_dict(clf.state_dict())
     return time.perf_counter() - t0, runtime.check_threading_layer()

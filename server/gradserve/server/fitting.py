@@ -2,17 +2,24 @@
 as their parameters (``mutations.FIT_STEPS``), with progress, validation
 and early stopping.
 
-Each run of up to ``RUN_STEPS`` steps takes the model's write lock once
-and is one log record: a Predict waits at most one run and sees whole
-steps only, other models are never blocked, and the log grows by ~200
-bytes per run instead of a batch per step. A cancelled call stops at the
-next run boundary; every completed run is kept (and durable).
+Each run of steps takes the model's write lock once, is one log record and
+one compiled call (``Model.train_steps``: the gather and every step inside
+Numba): a Predict waits at most one run and sees whole steps only, other
+models are never blocked, and the log grows by ~200 bytes per run instead
+of a batch per step. A run lasts about ``RUN_SECONDS`` (its length is set
+from the steps' measured time, at most ``MAX_RUN_STEPS``, never past the
+epoch's end or a progress report), so that Predict latency and
+cancellation stay bounded whatever a step costs while tiny steps are not
+cut into runs whose fixed costs (lock, log record, fsync) outweigh them. A
+cancelled call stops at the next run boundary; every completed run is kept
+(and durable). A run's length is in its record, so a replay repeats it.
 
 The batches are ``gradserve.wire.shuffle.fit_batches``: each step equals a
 TrainStep with that batch, bit for bit."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -26,7 +33,9 @@ from .datasets import DatasetInfo
 from .errors import BadRequest
 from .registry import ModelHandle, ModelRegistry, StateOverflow
 
-RUN_STEPS = 32  # steps per write-lock hold and per log record
+RUN_SECONDS = 0.05  # a run's target duration: how long a Predict may wait, how late a cancel is seen
+FIRST_RUN_STEPS = 8  # a Fit's first run, before its steps have been timed
+MAX_RUN_STEPS = 4096
 
 
 @dataclass
@@ -125,7 +134,8 @@ def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: C
         if not 0 <= done <= p.epochs * spe:
             raise BadRequest("start_step", f"is {p.start_step}: model {handle.model_id!r} is at step {step_now}, "
                                            f"which is not within this Fit's {p.epochs * spe} steps from it")
-    run = min(p.progress_every_steps or RUN_STEPS, RUN_STEPS)
+    every = p.progress_every_steps
+    run = FIRST_RUN_STEPS
     fields = dict(dataset=p.dataset_id, seed=int(p.seed), shuffle=bool(p.shuffle), batch_size=int(p.batch_size))
     track_best = p.patience > 0 or p.restore_best_weights
     best, best_epoch, best_weights, wait = math.inf, 0, None, 0
@@ -139,9 +149,13 @@ def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: C
             while b < spe:
                 if not is_active():
                     return
-                n = 1 if b < single_until else min(run - b % run, spe - b)
+                n = 1 if b < single_until else min(run, spe - b, every - b % every if every else spe)
+                t0 = time.perf_counter()
                 try:
                     r, commit = registry.fit_steps(handle, (X, y), epoch=epoch, first=b, steps=n, **fields)
+                    if len(r.results) == n:
+                        per_step = (time.perf_counter() - t0) / n
+                        run = max(1, min(MAX_RUN_STEPS, int(RUN_SECONDS / max(per_step, 1e-7))))
                 except StateOverflow:
                     if n == 1:
                         raise

@@ -12,6 +12,7 @@ from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients
 from ..params import ParamLayout
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
+from .epochs import run_steps
 from .kernels import (
     NORM_BLOCK,
     ForwardBuffers,
@@ -163,6 +164,10 @@ class CpuBackend(Backend):
         self._coef[0] = optimizer_coefficients(self.spec.optimizer, lr, t, grad_scale)
         with runtime.kernel_threads(self.params.shape[0] // 2048):
             optimizer_kernel(self.params, self.grads, self._slots, self._opt_code, self._coef)
+
+    def train_steps(self, X, y, order, first, steps, batch_size, step):
+        # every step of the run inside one compiled call (cpu.epochs)
+        return run_steps(self, X, y, order, first, steps, batch_size, step)
 
     # -- transfer -----------------------------------------------------------
     def get_params(self):

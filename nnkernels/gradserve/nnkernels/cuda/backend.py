@@ -16,6 +16,10 @@ serialized by the caller (the model's lock) and run on the training stream.
 call runs: each call borrows an inference context (its own CUDA stream and
 workspaces) from a pool, so concurrent predictions neither share buffers nor
 serialize on the legacy default stream.
+
+A run of steps (``Backend.train_steps``, a server-side Fit's epochs) has no
+single-call form here yet: ``Model.train_steps`` drives it step by step
+through ``loss_and_grads`` and ``step`` (one host round trip per step).
 """
 from __future__ import annotations
 

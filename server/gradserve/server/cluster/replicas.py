@@ -91,11 +91,17 @@ def state_checksum(model: Model) -> int:
 
 
 def check_parallel_spec(spec: ModelSpec) -> None:
-    """Refuses what data parallelism cannot reproduce: per-batch draws."""
-    if spec.replicas > 1 and (any(l.dropout > 0 for l in spec.hidden) or spec.regularization.input_noise_std > 0):
+    """Refuses what data parallelism cannot reproduce: draws per element of
+    a batch (dropout, input, hidden-input and target noise). Weight noise
+    draws per weight from the step's key: every replica draws the same W̃."""
+    reg = spec.regularization
+    per_row = (any(l.dropout > 0 or l.noise_std > 0 for l in spec.hidden) or reg.input_noise_std > 0
+               or reg.target_noise_std > 0)
+    if spec.replicas > 1 and per_row:
         from gradserve.nnkernels import SpecError
-        raise SpecError("replicas", spec.replicas, "dropout and input noise draw per element of a batch, so shards "
-                                                   "would draw other masks than the whole batch: use replicas=1")
+        raise SpecError("replicas", spec.replicas, "dropout and input, hidden-input and target noise draw per "
+                                                   "element of a batch, so shards would draw other values than "
+                                                   "the whole batch: use replicas=1")
 
 
 def apply_update(model: Model, flat: np.ndarray, lr: float, t: int, scale: float) -> None:
