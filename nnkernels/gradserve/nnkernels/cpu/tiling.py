@@ -1,0 +1,105 @@
+"""How the CPU kernels cut each dense layer's product into BLAS calls: the
+fixed tiles (batch rows × output features per call) of ``cpu.kernels``.
+
+Training tiles are fixed constants (``ROW_TILE`` × ``COL_TILE``): they
+depend on no thread count, so neither do the bits.
+
+Inference must also give a row the same bits whichever rows share its batch
+(dynamic batching coalesces callers). OpenBLAS's result for one element
+depends on the call's shape: measured on SkylakeX-class cores (OpenBLAS
+0.3.31), each K splits call shapes into two classes (small products, M=1
+gemv included, go to kernels that skip packing; larger ones to the packed
+kernel), and within one class the bits depend neither on the shape nor on
+the element's position in the tile. So ``predict_tiles`` probes the BLAS
+this process runs on and picks, per model, a padding quantum q (the batch
+is run as n rounded up to a multiple of q) and per layer the tile of its
+calls, so that every call a layer can make falls into one class:
+
+- q = 1 (no padding: a batch of one costs one row) when every layer has
+  either big tiles (``ROW_TILE`` × ``COL_TILE``) or small ones
+  (``SMALL_TILES``) whose every row count agrees;
+- else q = ``PREDICT_ROWS``: big tiles where row counts that are multiples
+  of q agree, else exactly q × ``PREDICT_COLS`` per call, always (one shape
+  for every batch: consistent on any BLAS whose bits depend on the call's
+  shape only).
+
+Probing checks the row counts listed in ``_rows_to_probe``, not every one;
+tests/test_products.py checks whole batches against single rows.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _xwt
+
+SMALL_TILES = ((8, PREDICT_COLS), (4, PREDICT_COLS))  # rows, features per call of small tiles (q = 1), preferred first
+_probed: dict[tuple, bool] = {}
+_probe_lock = threading.Lock()
+
+
+def train_tiles(layers: int) -> np.ndarray:
+    """The training tiles of every layer (layers × 3, int64: rows, output
+    features per call, padding quantum 1)."""
+    return np.array([[ROW_TILE, COL_TILE, 1]] * layers, np.int64).reshape(layers, 3)
+
+
+def _rows_to_probe(tile_rows: int, quantum: int) -> tuple[int, ...]:
+    """Row counts a call of a tile_rows-row tile can have with padding
+    quantum q (multiples of q up to tile_rows), sampled."""
+    cands = {quantum, 2 * quantum, 3 * quantum, 7 * quantum, 8 * quantum, 9 * quantum,
+             tile_rows // 2 + quantum, tile_rows - quantum, tile_rows}
+    return tuple(sorted(r for r in cands if 0 < r <= tile_rows and r % quantum == 0))
+
+
+def _agree(dtype: np.dtype, fin: int, width: int, rows: tuple[int, ...]) -> bool:
+    """Whether one row's product with ``width`` output features over ``fin``
+    inputs has the same bits in a call of each row count in ``rows`` (the
+    row placed last in each); cached per process."""
+    key = (dtype.str, fin, width, rows)
+    with _probe_lock:
+        if key not in _probed:
+            rs = np.random.default_rng(12345)
+            W = rs.standard_normal((width, fin)).astype(dtype)
+            top = max(rows)
+            H = rs.standard_normal((top, fin)).astype(dtype)
+            Z = np.empty((top, width), dtype)
+            empty = np.empty(0, dtype)
+            outs = []
+            for r in rows:
+                _xwt(H[top - r:], W, Z, r, r, width, empty)
+                outs.append(Z[r - 1].copy())
+            _probed[key] = all(np.array_equal(o, outs[0]) for o in outs)
+        return _probed[key]
+
+
+def _tile_agrees(dtype, fin: int, fout: int, tile_rows: int, tile_cols: int, quantum: int) -> bool:
+    """Whether every call of a (tile_rows × tile_cols) tiling of this layer
+    gives a row the same bits: each column width it uses, every row count."""
+    widths = {min(tile_cols, fout)} | ({fout % tile_cols} if fout > tile_cols and fout % tile_cols else set())
+    rows = _rows_to_probe(tile_rows, quantum)
+    return all(_agree(dtype, fin, w, rows) for w in sorted(widths))
+
+
+def predict_tiles(dtype, sizes) -> np.ndarray:
+    """The inference tiles (layers × 3, int64: rows and output features per
+    BLAS call, and the model's padding quantum in every row) of a network
+    with layer sizes ``sizes`` (inputs first); see the module docstring."""
+    dtype = np.dtype(dtype)
+    shapes = list(zip(sizes[:-1], sizes[1:]))
+    tiles = []
+    for fin, fout in shapes:
+        if _tile_agrees(dtype, fin, fout, ROW_TILE, COL_TILE, 1):
+            tiles.append((ROW_TILE, COL_TILE, 1))
+        else:
+            small = [(r, c) for r, c in SMALL_TILES if _tile_agrees(dtype, fin, fout, r, c, 1)]
+            if not small:
+                break
+            tiles.append((*small[0], 1))
+    else:
+        return np.array(tiles, np.int64).reshape(len(tiles), 3)
+    q = PREDICT_ROWS
+    tiles = [(ROW_TILE, COL_TILE, q) if _tile_agrees(dtype, fin, fout, ROW_TILE, COL_TILE, q) else (q, PREDICT_COLS, q)
+             for fin, fout in shapes]
+    return np.array(tiles, np.int64).reshape(len(tiles), 3)
