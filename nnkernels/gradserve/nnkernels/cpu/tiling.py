@@ -15,13 +15,15 @@ this process runs on and picks, per model, a padding quantum q (the batch
 is run as n rounded up to a multiple of q) and per layer the tile of its
 calls, so that every call a layer can make falls into one class:
 
-- q = 1 (no padding: a batch of one costs one row) when every layer has
-  either big tiles (``ROW_TILE`` × ``COL_TILE``) or small ones
-  (``SMALL_TILES``) whose every row count agrees;
+- the smallest q of ``QUANTA`` but the last (q = 1: no padding, a batch of
+  one costs one row) for which every layer has either big tiles
+  (``ROW_TILE`` × ``COL_TILE``) or small ones (``SMALL_TILES``) whose every
+  row count that is a multiple of q agrees;
 - else q = ``PREDICT_ROWS``: big tiles where row counts that are multiples
   of q agree, else exactly q × ``PREDICT_COLS`` per call, always (one shape
   for every batch: consistent on any BLAS whose bits depend on the call's
-  shape only).
+  shape only; the small-matrix kernels, which skip packing, run these at
+  about 70% of a big call's speed).
 
 Probing checks the row counts listed in ``_rows_to_probe``, not every one;
 tests/test_products.py checks whole batches against single rows.
@@ -34,7 +36,8 @@ import numpy as np
 
 from .kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _xwt
 
-SMALL_TILES = ((8, PREDICT_COLS), (4, PREDICT_COLS))  # rows, features per call of small tiles (q = 1), preferred first
+SMALL_TILES = ((8, PREDICT_COLS), (4, PREDICT_COLS))  # rows, features per call of small tiles, preferred first
+QUANTA = (1, 4, PREDICT_ROWS)  # padding quanta, tried in this order
 _probed: dict[tuple, bool] = {}
 _probe_lock = threading.Lock()
 
@@ -54,24 +57,36 @@ def _rows_to_probe(tile_rows: int, quantum: int) -> tuple[int, ...]:
 
 
 def _agree(dtype: np.dtype, fin: int, width: int, rows: tuple[int, ...]) -> bool:
-    """Whether one row's product with ``width`` output features over ``fin``
-    inputs has the same bits in a call of each row count in ``rows`` (the
-    row placed last in each); cached per process."""
+    """Whether a row's product with ``width`` output features over ``fin``
+    inputs has the same bits in calls of every row count in ``rows``, at
+    the first and the last position of the call, for three draws of data
+    (Gaussian, ReLU-like with zeros, and small uniform: a difference in the
+    order of the sums shows in some rows only); cached per process."""
     key = (dtype.str, fin, width, rows)
     with _probe_lock:
         if key not in _probed:
-            rs = np.random.default_rng(12345)
-            W = rs.standard_normal((width, fin)).astype(dtype)
-            top = max(rows)
-            H = rs.standard_normal((top, fin)).astype(dtype)
-            Z = np.empty((top, width), dtype)
-            empty = np.empty(0, dtype)
-            outs = []
-            for r in rows:
-                _xwt(H[top - r:], W, Z, r, r, width, empty)
-                outs.append(Z[r - 1].copy())
-            _probed[key] = all(np.array_equal(o, outs[0]) for o in outs)
+            _probed[key] = _probe(dtype, fin, width, rows)
         return _probed[key]
+
+
+def _probe(dtype: np.dtype, fin: int, width: int, rows: tuple[int, ...]) -> bool:
+    rs = np.random.default_rng(12345)
+    top = max(rows)
+    W = rs.standard_normal((width, fin)).astype(dtype)
+    Z = np.empty((top, width), dtype)
+    empty = np.empty(0, dtype)
+    g = rs.standard_normal((top, fin))
+    for H in (g, np.maximum(g, 0.0), rs.uniform(-0.01, 0.01, (top, fin))):
+        H = np.ascontiguousarray(H, dtype)
+        seen: dict[int, bytes] = {}
+        for r in rows:
+            for start in sorted({0, top - r}):
+                _xwt(H[start:start + r], W, Z, r, r, width, empty)
+                for i in range(r):
+                    got = Z[i].tobytes()
+                    if seen.setdefault(start + i, got) != got:
+                        return False
+    return True
 
 
 def _tile_agrees(dtype, fin: int, fout: int, tile_rows: int, tile_cols: int, quantum: int) -> bool:
@@ -88,18 +103,17 @@ def predict_tiles(dtype, sizes) -> np.ndarray:
     with layer sizes ``sizes`` (inputs first); see the module docstring."""
     dtype = np.dtype(dtype)
     shapes = list(zip(sizes[:-1], sizes[1:]))
-    tiles = []
-    for fin, fout in shapes:
-        if _tile_agrees(dtype, fin, fout, ROW_TILE, COL_TILE, 1):
-            tiles.append((ROW_TILE, COL_TILE, 1))
-        else:
-            small = [(r, c) for r, c in SMALL_TILES if _tile_agrees(dtype, fin, fout, r, c, 1)]
-            if not small:
+    for q in QUANTA[:-1]:
+        tiles = []
+        for fin, fout in shapes:
+            fits = [(r, c) for r, c in ((ROW_TILE, COL_TILE), *SMALL_TILES)
+                    if r % q == 0 and _tile_agrees(dtype, fin, fout, r, c, q)]
+            if not fits:
                 break
-            tiles.append((*small[0], 1))
-    else:
-        return np.array(tiles, np.int64).reshape(len(tiles), 3)
-    q = PREDICT_ROWS
+            tiles.append((*fits[0], q))
+        else:
+            return np.array(tiles, np.int64).reshape(len(tiles), 3)
+    q = QUANTA[-1]
     tiles = [(ROW_TILE, COL_TILE, q) if _tile_agrees(dtype, fin, fout, ROW_TILE, COL_TILE, q) else (q, PREDICT_COLS, q)
              for fin, fout in shapes]
     return np.array(tiles, np.int64).reshape(len(tiles), 3)
