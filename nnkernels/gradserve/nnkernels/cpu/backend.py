@@ -28,7 +28,7 @@ class _TrainWorkspace:
         self.z = np.empty(rows * per_row, dtype)
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
-        self.dt = np.empty(rows * per_row, dtype)  # d transposed, per layer
+        self.dt = np.empty(0, dtype)  # unused: the tiled products read D in place (TrainBuffers keeps the field)
         has_dropout = any(l.dropout > 0 for l in spec.hidden)
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
@@ -44,7 +44,7 @@ class _TrainWorkspace:
             inputs = self.xin.shape[0] // self.rows
             self._views = (n, TrainBuffers(
                 xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
-                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt[:m],
+                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt,
                 rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials, tiles=tiles))
         return self._views[1]
 

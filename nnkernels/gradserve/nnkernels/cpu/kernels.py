@@ -111,9 +111,10 @@ class TrainSettings(NamedTuple):
 
 class TrainBuffers(NamedTuple):
     """Workspaces of one training call on n rows. ``z``, ``a``, ``h``
-    (dropped-out activations, only where a layer has dropout), ``d`` (dL/dz)
-    and ``dt`` (d transposed) hold every layer's n × units block, laid out by
-    the layer table's unit_offset; ``xin`` (n × inputs) the noisy input when
+    (dropped-out activations, only where a layer has dropout) and ``d``
+    (dL/dz) hold every layer's n × units block, laid out by the layer
+    table's unit_offset; ``dt`` is unused (empty: the tiled products read D
+    in place, with BLAS's transpose flag); ``xin`` (n × inputs) the noisy input when
     noise is on; ``rowloss``/``rowcorrect`` per-row partials; ``partials``
     the squared-norm partial sums (NORM_BLOCK elements each); ``tiles``
     (layers × 3, int64) each layer's forward product tile (``train_tiles``)."""
@@ -250,13 +251,6 @@ def _rows(buf, n, layer):
     """The layer's n × units block of a per-row workspace."""
     start = n * layer.unit_offset
     return buf[start:start + n * layer.fan_out].reshape((n, layer.fan_out))
-
-
-@njit(**_JIT)
-def _rows_t(buf, n, layer):
-    """The layer's units × n (transposed) block of a per-row workspace."""
-    start = n * layer.unit_offset
-    return buf[start:start + n * layer.fan_out].reshape((layer.fan_out, n))
 
 
 @njit(**_JIT)
@@ -461,10 +455,10 @@ def _dropout_rows(A, Hd, p, key, r0, r1):
 
 
 @njit(**_JIT)
-def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
+def _backprop_rows(Dp, Zp, Ap, code, p, drop_p, key, r0, r1):
     """Rows r0..r1 of the layer below's dL/dz from dL/d(its output) in Dp:
     times its dropout mask·1/(1-p), times f'(z); written to Dp and, as
-    columns, to Dpt (its transpose, what the weight gradient reads)."""
+    in place."""
     u = Dp.shape[1]
     scale = 1.0 / (1.0 - drop_p)
     for i in range(r0, r1):
@@ -480,7 +474,6 @@ def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
             else:
                 g = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
             Dp[i, j] = g
-            Dpt[j, i] = g
 
 
 @njit(**_PJIT)
@@ -588,9 +581,9 @@ def _argmax_logsumexp(Zo, i):
 
 
 @njit(**_JIT)
-def _loss_row_labels(Zo, y, D, Dt, i, inv_n, smoothing):
+def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
     """Softmax cross-entropy of row i with an integer label; writes
-    D[i] = (p - t)/n and its column of Dt = Dᵀ; returns (loss_i, correct_i)."""
+    D[i] = (p - t)/n; returns (loss_i, correct_i)."""
     u = Zo.shape[1]
     am, lse = _argmax_logsumexp(Zo, i)
     lab = y[i]
@@ -605,15 +598,15 @@ def _loss_row_labels(Zo, y, D, Dt, i, inv_n, smoothing):
         loss = lse - np.float64(Zo[i, lab])
     for j in range(u):
         t = eps_c + (1.0 - smoothing if j == lab else 0.0)
-        D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
+        D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
     return loss, 1 if am == lab else 0
 
 
 @njit(**_JIT)
-def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
+def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
     """One row of the loss of output kind ``out_kind`` against float targets
     (mse, bce_with_logits, or softmax cross-entropy with probability
-    targets). Writes D[i] and its column of Dt = Dᵀ; returns (row loss sum,
+    targets). Writes D[i]; returns (row loss sum,
     correct count); NaN loss for a kind it does not know."""
     u = Zo.shape[1]
     loss = 0.0
@@ -622,13 +615,13 @@ def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
         for j in range(u):
             d = np.float64(Zo[i, j]) - np.float64(Y[i, j])
             loss += d * d
-            D[i, j] = Dt[j, i] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
+            D[i, j] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
     elif out_kind == Out.SIGMOID:  # bce with logits: D = (σ(z) - y)/(n·u)
         for j in range(u):
             z = np.float64(Zo[i, j])
             yy = np.float64(Y[i, j])
             loss += max(z, 0.0) - z * yy + math.log1p(math.exp(-abs(z)))
-            D[i, j] = Dt[j, i] = (_sigmoid(z) - yy) * inv_n
+            D[i, j] = (_sigmoid(z) - yy) * inv_n
             if (z > 0.0) == (yy > 0.5):
                 correct += 1
     elif out_kind == Out.SOFTMAX:  # probability targets
@@ -647,7 +640,7 @@ def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
             loss += t * (lse - np.float64(Zo[i, j]))
         for j in range(u):
             t = np.float64(Y[i, j]) * (1.0 - smoothing) + eps_c
-            D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
+            D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
         correct = 1 if am == ay else 0
     else:
         loss = math.nan
@@ -669,7 +662,6 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     abuf = bufs.a
     hbuf = bufs.h
     dbuf = bufs.d
-    tbuf = bufs.dt
     rowloss = bufs.rowloss
     rowcorrect = bufs.rowcorrect
     partials = bufs.partials
@@ -694,13 +686,12 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     out_layer = layers[L - 1]
     Zo = _rows(zbuf, n, out_layer)
     Do = _rows(dbuf, n, out_layer)
-    Dot = _rows_t(tbuf, n, out_layer)
     for r in prange(n):
         i = np.int64(r)  # one signature for the row functions (the parfor index is unsigned)
         if labels.shape[0] > 0:
-            rl, rc = _loss_row_labels(Zo, labels, Do, Dot, i, inv, smoothing)
+            rl, rc = _loss_row_labels(Zo, labels, Do, i, inv, smoothing)
         else:
-            rl, rc = _loss_row_targets(Zo, Y, Do, Dot, i, inv, smoothing, out_kind)
+            rl, rc = _loss_row_targets(Zo, Y, Do, i, inv, smoothing, out_kind)
         rowloss[i] = rl
         rowcorrect[i] = rc
     loss = 0.0
@@ -714,7 +705,6 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
         layer = layers[l]
         fout = layer.fan_out
         D = _rows(dbuf, n, layer)
-        Dt = _rows_t(tbuf, n, layer)
         if l == 0:
             Hin = xin if noise_std > 0.0 else X
         elif layers[l - 1].drop_p > 0.0:
@@ -723,16 +713,15 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
             Hin = _rows(abuf, n, layers[l - 1])
         _dtx(D, Hin, _weight(grads, layer), ROW_TILE, COL_TILE)  # gW = Dᵀ·Hin, fixed tiles of gW
         boff = layer.b_offset
-        for j in prange(fout):  # bias grad: row sums of D.T, float64 accumulation
+        for j in prange(fout):  # bias grad: column sums of D over the rows in order, float64 accumulation
             s = 0.0
             for i in range(n):
-                s += Dt[j, i]
+                s += D[i, j]
             grads[boff + j] = s
         if l > 0:
             below = layers[l - 1]
             W = _weight(params, layer)
             Dp = _rows(dbuf, n, below)
-            Dpt = _rows_t(tbuf, n, below)
             _xw(D, W, Dp, ROW_TILE, COL_TILE)
             Zp = _rows(zbuf, n, below)
             Ap = _rows(abuf, n, below)
@@ -742,7 +731,7 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
             key = below.drop_key
             nb, per = _row_blocks(n, below.fan_out)
             for k in prange(nb):
-                _backprop_rows(Dp, Dpt, Zp, Ap, code, p, pk, key, k * per, min(n, (k + 1) * per))
+                _backprop_rows(Dp, Zp, Ap, code, p, pk, key, k * per, min(n, (k + 1) * per))
     # squared norm, fixed blocks then a serial sum
     m = grads.shape[0]
     nblk = partials.shape[0]
