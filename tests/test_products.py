@@ -120,20 +120,24 @@ def test_a_predicted_row_has_the_same_bits_alone_and_in_any_batch(sizes, dtype):
     np.testing.assert_array_equal(batch, m.predict(X, logits=True)[:300])
 
 
-def test_the_padded_canonical_tiling_keeps_rows_independent_of_their_batch():
-    # the fallback when no probe passes: every call exactly PREDICT_ROWS × PREDICT_COLS
+@pytest.mark.parametrize("tiles", [
+    [[PREDICT_ROWS, PREDICT_COLS, PREDICT_ROWS]] * 3,  # the fallback: PREDICT_ROWS rows per call, always
+    [[ROW_TILE, COL_TILE, 4], [ROW_TILE, COL_TILE, 4], [PREDICT_ROWS, PREDICT_COLS, 4]],  # padded big tiles
+    [[8, 64, 1], [8, 64, 1], [1, PREDICT_COLS, 1]],  # small tiles, output layer row by row
+])
+def test_every_tiling_computes_the_same_network(tiles):
+    reference = Model(spec((784, 512, 256, 10)))
     m = Model(spec((784, 512, 256, 10)))
-    backend = m._backend
-    q = PREDICT_ROWS
-    backend._predict_tiles = np.array([[q, PREDICT_COLS, q]] * 3, np.int64)
-    backend._quantum = q
-    backend._free_forward.clear()
-    X = np.random.default_rng(6).standard_normal((130, 784))
-    full = m.predict(X)
-    for n in (1, 3, 8, 9, 17):
-        np.testing.assert_array_equal(m.predict(X[:n]), full[:n])
-    np.testing.assert_array_equal(m.predict(X[100:101]), full[100:101])
-    assert np.abs(full - Model(spec((784, 512, 256, 10))).predict(X)).max() < 1e-5
+    m._backend._predict_tiles = np.array(tiles, np.int64)
+    m._backend._quantum = tiles[0][2]
+    m._backend._free_forward.clear()
+    X = np.random.default_rng(6).standard_normal((300, 784))
+    full = m.predict(X, logits=True)
+    assert np.abs(full - reference.predict(X, logits=True)).max() < 1e-4
+    if tiles[0][0] == PREDICT_ROWS:  # one call shape for every batch: rows independent of it on any BLAS
+        for n in (1, 3, 8, 9, 17):
+            np.testing.assert_array_equal(m.predict(X[:n], logits=True), full[:n])
+        np.testing.assert_array_equal(m.predict(X[100:101], logits=True), full[100:101])
 
 
 def test_predict_tiles_have_one_quantum_and_known_shapes():
@@ -142,7 +146,7 @@ def test_predict_tiles_have_one_quantum_and_known_shapes():
             t = tiling.predict_tiles(dtype, sizes)
             assert t.shape == (len(sizes) - 1, 3)
             assert len(set(t[:, 2])) == 1 and t[0, 2] in tiling.QUANTA
-            allowed = {(ROW_TILE, COL_TILE)} | set(tiling.SMALL_TILES) | {(PREDICT_ROWS, PREDICT_COLS)}
+            allowed = {(ROW_TILE, COL_TILE), (1, PREDICT_COLS), (PREDICT_ROWS, PREDICT_COLS)} | set(tiling.SMALL_TILES)
             assert {tuple(r[:2]) for r in t} <= allowed
 
 

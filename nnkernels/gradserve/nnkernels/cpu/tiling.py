@@ -18,7 +18,9 @@ calls, so that every call a layer can make falls into one class:
 - the smallest q of ``QUANTA`` but the last (q = 1: no padding, a batch of
   one costs one row) for which every layer has either big tiles
   (``ROW_TILE`` × ``COL_TILE``) or small ones (``SMALL_TILES``) whose every
-  row count that is a multiple of q agrees;
+  row count that is a multiple of q agrees (at q = 1 a layer with at
+  most ``ROW_BY_ROW_MAX`` weights, such as a 10-unit output layer, may
+  instead make one call per row, always);
 - else q = ``PREDICT_ROWS``: big tiles where row counts that are multiples
   of q agree, else exactly q × ``PREDICT_COLS`` per call, always (one shape
   for every batch: consistent on any BLAS whose bits depend on the call's
@@ -38,6 +40,7 @@ from .kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _xwt
 
 SMALL_TILES = ((8, PREDICT_COLS), (4, PREDICT_COLS))  # rows, features per call of small tiles, preferred first
 QUANTA = (1, 4, PREDICT_ROWS)  # padding quanta, tried in this order
+ROW_BY_ROW_MAX = 65536  # weights (fin × fout) up to which a layer may run one row per call (cache-resident W)
 _probed: dict[tuple, bool] = {}
 _probe_lock = threading.Lock()
 
@@ -108,6 +111,8 @@ def predict_tiles(dtype, sizes) -> np.ndarray:
         for fin, fout in shapes:
             fits = [(r, c) for r, c in ((ROW_TILE, COL_TILE), *SMALL_TILES)
                     if r % q == 0 and _tile_agrees(dtype, fin, fout, r, c, q)]
+            if not fits and q == 1 and fin * fout <= ROW_BY_ROW_MAX:
+                fits = [(1, PREDICT_COLS)]  # one row per call, always: one shape whatever the batch
             if not fits:
                 break
             tiles.append((*fits[0], q))
