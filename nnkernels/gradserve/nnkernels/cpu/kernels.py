@@ -71,6 +71,8 @@ NORM_BLOCK = 16384  # elements per partial sum of the squared gradient norm
 # 256×128 132, 128×128 119, 16×64 116, 8×64 107 (no packing: small-matrix kernel).
 ROW_TILE = 256     # training: batch rows per call (the last tile may be shorter)
 COL_TILE = 256     # training: output features per call
+SPLIT_TASKS = 4    # training: tiles are halved (down to SPLIT_MIN) until a product has this many
+SPLIT_MIN = 64     # (a function of the shapes only: 2 threads get 2 tiles each, bits fixed)
 PREDICT_ROWS = 8   # inference: the padding quantum when one is needed (cpu.tiling)
 PREDICT_COLS = 64  # inference, layers without big tiles: output features per call (cpu.tiling)
 SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: z itself above it
@@ -319,6 +321,19 @@ def _flat(M):
 
 
 @njit(**_JIT)
+def _split(m, k, rt, ct):
+    """Training's tiles for an m × k output: rt × ct, the columns then the
+    rows halved (not below SPLIT_MIN) until there are SPLIT_TASKS tiles,
+    so a batch of 256 rows × 256 features still spreads over two threads.
+    A function of the shapes only: the bits stay independent of threads."""
+    while ((m + rt - 1) // rt) * ((k + ct - 1) // ct) < SPLIT_TASKS and ct > SPLIT_MIN and ct < 2 * k:
+        ct = max(SPLIT_MIN, ct // 2)
+    while ((m + rt - 1) // rt) * ((k + ct - 1) // ct) < SPLIT_TASKS and rt > SPLIT_MIN and rt < 2 * m:
+        rt = max(SPLIT_MIN, rt // 2)
+    return rt, ct
+
+
+@njit(**_JIT)
 def _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded):
     """Tile t of Z = H·Wᵀ (rows r0.. by rt, features c0.. by ct; see _xwt);
     the last row tile reads ``tail`` when ``padded``."""
@@ -336,7 +351,8 @@ def _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded):
 def _xwt(H, W, Z, rows, rt, ct, tail):
     """Z = H·Wᵀ (H: n × fin, W: fout × fin, Z: rows × fout), one BLAS call
     per fixed tile of rt rows × ct output features, tiles in parallel; the
-    last row tile has the rows left over. ``rows`` > n pads: Z's rows from n
+    last row tile has the rows left over. Training passes an empty ``tail``:
+    its tiles are split by ``_split``; inference's tiles are used as given. ``rows`` > n pads: Z's rows from n
     on are the product of zero rows, the last row tile's input copied into
     ``tail`` (≥ rt × fin) and zero-filled, so every call has the row count
     the tiling of ``rows`` gives it, whatever n is."""
@@ -344,6 +360,8 @@ def _xwt(H, W, Z, rows, rt, ct, tail):
     fout = W.shape[0]
     if rows == 0:
         return
+    if tail.shape[0] == 0:
+        rt, ct = _split(rows, fout, rt, ct)
     nr = (rows + rt - 1) // rt
     nc = (fout + ct - 1) // ct
     padded = rows > n
@@ -379,6 +397,7 @@ def _xw(D, W, P, rt, ct):
     fin = W.shape[1]
     if n == 0:
         return
+    rt, ct = _split(n, fin, rt, ct)
     nc = (fin + ct - 1) // ct
     tiles = ((n + rt - 1) // rt) * nc
     Df = _flat(D)
@@ -407,6 +426,7 @@ def _dtx(D, H, G, rt, ct):
     output features × ct input features, each over all n rows."""
     n, fout = D.shape
     fin = H.shape[1]
+    rt, ct = _split(fout, fin, rt, ct)
     nc = (fin + ct - 1) // ct
     tiles = ((fout + rt - 1) // rt) * nc
     Df = _flat(D)
