@@ -38,7 +38,7 @@ import numpy as np
 
 from .kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _xwt
 
-SMALL_TILES = ((8, PREDICT_COLS), (4, PREDICT_COLS))  # rows, features per call of small tiles, preferred first
+SMALL_TILES = tuple((r, PREDICT_COLS) for r in (32, 16, 8, 4, 3, 2))  # small tiles (rows, features per call), preferred first
 QUANTA = (1, 4, PREDICT_ROWS)  # padding quanta, tried in this order
 ROW_BY_ROW_MAX = 65536  # weights (fin × fout) up to which a layer may run one row per call (cache-resident W)
 _probed: dict[tuple, bool] = {}
