@@ -171,7 +171,7 @@ def test_serial_twins_of_the_train_and_optimizer_kernels_give_the_parallel_bits(
     for model, train, opt in ((par, train_kernel, optimizer_kernel),
                               (ser, epochs.train_kernel_serial, epochs.optimizer_kernel_serial)):
         b = model.backend
-        bufs = b._workspace(len(X)).buffers(len(X), b._partials)
+        bufs = b._workspace(len(X)).buffers(len(X), b._partials, b._train_tiles)
         settings = TrainSettings(b._out_kind, 0.0, 1.0 / len(X), b._noise_std, np.uint64(12345), 0.0, np.uint64(0))
         if bufs.wn.shape[0]:
             b.layers["wnoise_key"] = 777

@@ -15,9 +15,9 @@ Imported by ``nnkernels/__init__.py`` before anything imports numba:
   different bits with different thread counts (seen: a concurrent run
   diverged from a sequential one). So SciPy's OpenBLAS (the one Numba's
   ``np.dot`` calls; NumPy's own copy is untouched) is set to ONE thread, and
-  the kernels parallelize the products themselves: fixed 128-row blocks, one
-  single-threaded BLAS call per block inside a prange. Results are then
-  bit-identical whatever the thread count or concurrency. Each call sets the
+  the kernels parallelize the products themselves: a fixed grid of tiles
+  (batch rows × output features), one single-threaded BLAS call per tile
+  inside a prange (``cpu.kernels``). Results are then bit-identical whatever the thread count or concurrency. Each call sets the
   calling thread's Numba thread count (``numba.set_num_threads``): one
   thread below ``PARALLEL_MIN_ROWS`` rows (measured faster there), else the
   budget divided by the kernel calls in flight, so concurrent requests
@@ -51,8 +51,10 @@ if "numba" in sys.modules:  # imported before us: its config is already read
 
 import numba  # noqa: E402
 
-# batches with fewer rows run every pass on one thread
+# batches with fewer rows run every pass on one thread, unless their products
+# do at least PARALLEL_MIN_WORK multiply-adds
 PARALLEL_MIN_ROWS = 128
+PARALLEL_MIN_WORK = 2_000_000
 
 _budget = numba.config.NUMBA_NUM_THREADS
 _budget_lock = threading.Lock()
@@ -101,24 +103,28 @@ _in_flight_lock = threading.Lock()
 _thread_setting = threading.local()  # the count last given to numba on this thread
 
 
-def threads_for(rows: int, in_flight: int = 1) -> int:
-    """Threads a call on a batch of ``rows`` rows uses while ``in_flight``
-    calls (itself included) run: one below ``PARALLEL_MIN_ROWS`` rows, else
-    the budget shared evenly. Parallel kernels whose threads outnumber the
+def threads_for(rows: int, in_flight: int = 1, work: int = 0) -> int:
+    """Threads a call on a batch of ``rows`` rows whose products do ``work``
+    multiply-adds uses while ``in_flight`` calls (itself included) run: one
+    below ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_WORK``, else the
+    budget shared evenly. Parallel kernels whose threads outnumber the
     cores collapse (measured on 2 cores, TrainStep b256 with 16 concurrent
     callers: 0.3-0.9 steps/s at 2 threads each, 68-71 at 1), and the blocked
     products give the same bits at any thread count, so sharing is free."""
-    return 1 if rows < PARALLEL_MIN_ROWS else max(1, _budget // max(1, in_flight))
+    if rows < PARALLEL_MIN_ROWS and work < PARALLEL_MIN_WORK:
+        return 1
+    return max(1, _budget // max(1, in_flight))
 
 
 @contextmanager
-def kernel_threads(rows: int):
-    """Around one kernel call on ``rows`` rows: counts it in flight and sets
-    the calling thread's Numba thread count to its share; yields the count."""
+def kernel_threads(rows: int, work: int = 0):
+    """Around one kernel call on ``rows`` rows doing ``work`` multiply-adds
+    in its products: counts it in flight and sets the calling thread's Numba
+    thread count to its share; yields the count."""
     global _in_flight
     with _in_flight_lock:
         _in_flight += 1
-        k = threads_for(rows, _in_flight)
+        k = threads_for(rows, _in_flight, work)
     try:
         if getattr(_thread_setting, "k", None) != k:  # set_num_threads costs ~6 us
             numba.set_num_threads(k)
@@ -136,6 +142,7 @@ def thread_config() -> dict:
         "numba_num_threads": numba.config.NUMBA_NUM_THREADS,
         "budget": _budget,
         "parallel_min_rows": PARALLEL_MIN_ROWS,
+        "parallel_min_work": PARALLEL_MIN_WORK,
         "blas_threads": 1 if _blas_single else "unknown (SciPy OpenBLAS not found)",
         "tbb_preloaded": _tbb_loaded,
     }

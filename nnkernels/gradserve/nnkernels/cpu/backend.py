@@ -24,6 +24,7 @@ from .kernels import (
     train_kernel,
 )
 from .optimizer import optimizer_kernel
+from .tiling import predict_tiles, train_tiles
 
 
 class _TrainWorkspace:
@@ -37,7 +38,7 @@ class _TrainWorkspace:
         self.z = np.empty(rows * per_row, dtype)
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
-        self.dt = np.empty(rows * per_row, dtype)  # d transposed, per layer
+        self.dt = np.empty(0, dtype)  # unused: the tiled products read D in place (TrainBuffers keeps the field)
         has_dropout = any(l.dropout > 0 or l.noise_std > 0 for l in spec.hidden)  # h: dropped-out and/or noisy
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
@@ -49,7 +50,7 @@ class _TrainWorkspace:
         self.rowcorrect = np.empty(rows, np.int64)
         self._views: tuple[int, TrainBuffers] | None = None
 
-    def buffers(self, n: int, partials: np.ndarray) -> TrainBuffers:
+    def buffers(self, n: int, partials: np.ndarray, tiles: np.ndarray) -> TrainBuffers:
         """Views of the first ``n`` rows (kept while n repeats: steady-state
         training builds nothing per call)."""
         if self._views is None or self._views[0] != n:
@@ -58,20 +59,20 @@ class _TrainWorkspace:
             outputs = self.yn.shape[0] // self.rows
             self._views = (n, TrainBuffers(
                 xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
-                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt[:m],
-                rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials,
+                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt,
+                rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials, tiles=tiles,
                 wn=self.wn, yn=self.yn[:n * outputs].reshape(n if outputs else 0, outputs)))
         return self._views[1]
 
 
 class _ForwardSlot:
-    """One forward call's Z and A buffers, with views of their first
-    ``rows`` rows' worth kept for the next call of that size."""
+    """One forward call's Z and A buffers and padding tile, with views of
+    their first ``rows`` rows' worth kept for the next call of that size."""
 
-    __slots__ = ("z", "a", "rows", "views")
+    __slots__ = ("z", "a", "tail", "rows", "views")
 
-    def __init__(self, z: np.ndarray, a: np.ndarray):
-        self.z, self.a, self.rows, self.views = z, a, -1, None
+    def __init__(self, z: np.ndarray, a: np.ndarray, tail: np.ndarray):
+        self.z, self.a, self.tail, self.rows, self.views = z, a, tail, -1, None
 
 
 class CpuBackend(Backend):
@@ -90,6 +91,11 @@ class CpuBackend(Backend):
         self._coef = np.zeros(1, coefficient_dtype(self.dtype))
         self.layers = layer_table(spec)
         self._width = sum(spec.layer_sizes[1:])  # activations per row, all layers
+        sizes = spec.layer_sizes
+        self._macs = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))  # multiply-adds per row, forward
+        self._train_tiles = train_tiles(len(sizes) - 1)
+        self._predict_tiles = predict_tiles(self.dtype, sizes)
+        self._quantum = int(self._predict_tiles[0, 2])  # inference pads batches to a multiple of it
         self._out_kind = OUTPUTS[spec.output.kind].code
         self._logits_kind = int(OutputCode.IDENTITY)
         self._smoothing = float(spec.loss.label_smoothing)
@@ -102,6 +108,10 @@ class CpuBackend(Backend):
         self._free_forward: list[_ForwardSlot] = []  # forward buffers not in use
 
     # -- inference ----------------------------------------------------------
+    def _padded(self, n: int) -> int:
+        """Rows an n-row inference call computes (cpu.tiling's quantum)."""
+        return -(-n // self._quantum) * self._quantum
+
     def _forward_buffers(self, n: int) -> _ForwardSlot:
         """A Z/A buffer pair for one forward call, taken from a free list
         (grown, never shrunk): concurrent calls never share memory, and the
@@ -115,11 +125,12 @@ class CpuBackend(Backend):
             slot = self._free_forward.pop()  # atomic: no lock needed
         except IndexError:
             slot = None
-        need = n * self._width
+        need = self._padded(n) * self._width
         if slot is None or slot.z.shape[0] < need:
-            slot = _ForwardSlot(np.empty(need, self.dtype), np.empty(need, self.dtype))
+            slot = _ForwardSlot(np.empty(need, self.dtype), np.empty(need, self.dtype),
+                                np.empty(self._predict_tiles[0, 0] * self.spec.input_size, self.dtype))
         if slot.rows != n:
-            slot.rows, slot.views = n, ForwardBuffers(slot.z[:need], slot.a[:need])
+            slot.rows, slot.views = n, ForwardBuffers(slot.z[:need], slot.a[:need], slot.tail, self._predict_tiles)
         return slot
 
     def forward(self, X, logits=False):
@@ -128,7 +139,7 @@ class CpuBackend(Backend):
         out = np.empty((n, self.spec.output.units), self.dtype)
         out_kind = self._logits_kind if logits else self._out_kind
         try:
-            with runtime.kernel_threads(n):
+            with runtime.kernel_threads(n, self._padded(n) * self._macs):
                 forward_kernel(X, self.params, self.layers, out_kind, slot.views, out)
         finally:
             self._free_forward.append(slot)
@@ -151,11 +162,11 @@ class CpuBackend(Backend):
         settings = TrainSettings(self._out_kind, self._smoothing, 1.0 / spec.output.counted(n), self._noise_std,
                                  np.uint64(noise_key), tstd, np.uint64(target_key))
         targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
-        bufs = self._workspace(n).buffers(n, self._partials)
+        bufs = self._workspace(n).buffers(n, self._partials, self._train_tiles)
         if bufs.wn.shape[0] > 0:  # weight noise: this step's W̃, threads by parameter count as the optimizer
             with runtime.kernel_threads(self.params.shape[0] // 2048):
                 perturb_weights_kernel(self.params, self.layers, bufs.wn)
-        with runtime.kernel_threads(n):
+        with runtime.kernel_threads(n, 3 * n * self._macs):
             loss, correct, sq = train_kernel(X, targets, self.params, self.grads, self.layers, settings, bufs)
         return float(loss), int(correct), float(sq)
 

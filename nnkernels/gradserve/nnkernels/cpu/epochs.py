@@ -106,8 +106,8 @@ def _make_run_kernel(sources: str):
                                      noise_keys[s] if with_noise else np.uint64(0), target_noise_std,
                                      target_keys[s] if with_target_noise else np.uint64(0))
             m = n * per_row
-            bufs = TrainBuffers(ws.xin[:n], ws.z[:m], ws.a[:m], ws.h[:m], ws.d[:m], ws.dt[:m], ws.rowloss[:n],
-                                ws.rowcorrect[:n], ws.partials, ws.wn, ws.yn[:n])
+            bufs = TrainBuffers(ws.xin[:n], ws.z[:m], ws.a[:m], ws.h[:m], ws.d[:m], ws.dt, ws.rowloss[:n],
+                                ws.rowcorrect[:n], ws.partials, ws.tiles, ws.wn, ws.yn[:n])
             if ws.wn.shape[0] > 0:
                 if serial:
                     perturb_weights_kernel_serial(params, layers, ws.wn)
@@ -167,12 +167,12 @@ def run_steps(backend, X, y, order, first: int, steps: int, batch_size: int, ste
     units = spec.output.units
     labels = y if y.ndim == 1 else backend._no_labels
     values = y if y.ndim == 2 else np.empty((0, units), dtype)
-    ws = backend._workspace(batch_size).buffers(batch_size, backend._partials)
+    ws = backend._workspace(batch_size).buffers(batch_size, backend._partials, backend._train_tiles)
     xb = np.empty(batch_size * X.shape[1], dtype)
     lb = np.empty(batch_size, np.int64)
     vb = np.empty(batch_size * units, dtype)
     out = np.zeros((steps, 4), np.float64)
-    with runtime.kernel_threads(batch_size) as k:
+    with runtime.kernel_threads(batch_size, 3 * batch_size * backend._macs) as k:
         done = run_steps_kernel(X, labels, values, order, first, steps, batch_size, backend.params, backend.grads,
                                 backend._slots, step_layers, backend._opt_code, coefs, noise_keys, target_keys,
                                 float(spec.regularization.clip_grad_norm), backend._out_kind, backend._smoothing,

@@ -11,9 +11,23 @@ Interfaces, named rather than positional:
   each kernel reads their fields before its parallel loops, which cannot).
 
 Design rules:
-- Matrix products go to BLAS through ``np.dot`` outside any prange, in fixed
-  BLOCK-row slices (``_blocked_dot``); every other pass (bias + activation,
-  derivative, dropout, loss) is one fused prange loop.
+- Matrix products go to BLAS's gemm (``_gemm``: SciPy's OpenBLAS at one
+  thread, through Numba's own ``numba_xxgemm`` helper, with explicit leading
+  dimensions, so a call reads and writes tiles of the flat buffers in
+  place). Each product is cut into a FIXED 2-D grid of tiles, rows of the
+  batch × output features (``_xwt``, ``_xw``, ``_dtx``), one BLAS call per
+  tile inside a prange: the tiles depend on the shapes only, never on the
+  thread count, so neither do the bits; each call packs only its own slice
+  of W, and a small batch still splits over output features onto every
+  thread. OpenBLAS's result for an element depends on the call's shape
+  (seen on SkylakeX: M=1 goes to gemv, and products with M·N·K ≤ ~1e6 to
+  separate small-matrix kernels; within one shape the bits do not depend
+  on the element's position in the tile). Inference therefore uses
+  per-layer tiles, and where needed pads the batch (the last row tile
+  from ``ForwardBuffers.tail``), as ``cpu.tiling`` chose by probing: a
+  row's output is the same bits whichever rows share its batch (dynamic
+  batching). Every other pass (bias + activation, derivative, dropout,
+  loss) is one fused prange loop.
 - Every prange iteration writes its own outputs; reductions go through
   fixed-size partial buffers summed serially, so results do not depend on how
   the threading layer schedules the iterations (bit-identical runs).
@@ -62,15 +76,27 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.linalg import ensure_blas, get_blas_kind, make_constant_slot
 
 from .. import rng as _rng
 from ..registry import ActivationCode as Act
 from ..registry import OutputCode as Out
 
 NORM_BLOCK = 16384  # elements per partial sum of the squared gradient norm
-BLOCK = 128  # rows per BLAS call: fixed, so results do not depend on thread count;
-# 64-row blocks measured ~1.5-2x slower (OpenBLAS repacks W per call)
+# Product tiles (rows of the batch × output features per BLAS call). Fixed, so
+# results do not depend on the thread count. Measured single-threaded on 2-core
+# Xeon (AVX-512), 784→512 at 1024 rows, GFLOP/s: one call 165, 256×256 140,
+# 256×128 132, 128×128 119, 16×64 116, 8×64 107 (no packing: small-matrix kernel).
+ROW_TILE = 256     # training: batch rows per call (the last tile may be shorter)
+COL_TILE = 256     # training: output features per call
+SPLIT_TASKS = 4    # training: tiles are halved (down to SPLIT_MIN) until a product has this many
+SPLIT_MIN = 64     # (a function of the shapes only: 2 threads get 2 tiles each, bits fixed)
+PREDICT_ROWS = 8   # inference: the padding quantum when one is needed (cpu.tiling)
+PREDICT_COLS = 64  # inference, layers without big tiles: output features per call (cpu.tiling)
 SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: z itself above it
 
 _JIT = dict(nogil=True, cache=True)
@@ -80,6 +106,10 @@ uniform01 = njit(inline="always", **_JIT)(_rng.uniform01)
 box_muller = njit(inline="always", **_JIT)(_rng.box_muller)
 
 _GELU_C = math.sqrt(2.0 / math.pi)
+
+ensure_blas()  # SciPy's cython_blas, which numba_xxgemm calls
+_T = ord("t")
+_N = ord("n")
 
 
 class Targets(NamedTuple):
@@ -110,13 +140,15 @@ class TrainSettings(NamedTuple):
 class TrainBuffers(NamedTuple):
     """Workspaces of one training call on n rows. ``z``, ``a``, ``h``
     (dropped-out and/or noisy activations, only where a layer has dropout or
-    hidden-input noise), ``d`` (dL/dz) and ``dt`` (d transposed) hold every
-    layer's n × units block, laid out by the layer table's unit_offset;
+    hidden-input noise) and ``d`` (dL/dz) hold every layer's n × units
+    block, laid out by the layer table's unit_offset; ``dt`` is unused
+    (empty: the tiled products read D in place, with BLAS's transpose flag);
     ``xin`` (n × inputs) the noisy input when noise is on; ``rowloss``/
     ``rowcorrect`` per-row partials; ``partials`` the squared-norm partial
-    sums (NORM_BLOCK elements each); ``wn`` the weight-noise copy of the
-    flat parameters (empty when weight noise is off), ``yn`` (n × units) the
-    noisy targets when target noise is on."""
+    sums (NORM_BLOCK elements each); ``tiles`` (layers × 3, int64) each
+    layer's forward product tile (``train_tiles``); ``wn`` the weight-noise
+    copy of the flat parameters (empty when weight noise is off), ``yn``
+    (n × units) the noisy targets when target noise is on."""
 
     xin: np.ndarray
     z: np.ndarray
@@ -127,16 +159,23 @@ class TrainBuffers(NamedTuple):
     rowloss: np.ndarray
     rowcorrect: np.ndarray
     partials: np.ndarray
+    tiles: np.ndarray
     # --- noise regularizers (issue 12) ---
     wn: np.ndarray
     yn: np.ndarray
 
 
 class ForwardBuffers(NamedTuple):
-    """Workspaces of one inference call: every layer's Z and A blocks."""
+    """Workspaces of one inference call: every layer's Z and A blocks, for
+    the batch's rows rounded up to a multiple of the padding quantum;
+    ``tail`` (the first layer's tile rows × inputs): the input's last row
+    tile, zero-padded; ``tiles`` (layers × 3, int64): each layer's product
+    tile, rows × output features, and the quantum (``cpu.tiling``)."""
 
     z: np.ndarray
     a: np.ndarray
+    tail: np.ndarray
+    tiles: np.ndarray
 
 
 # --- activations -------------------------------------------------------------
@@ -249,37 +288,191 @@ def _rows(buf, n, layer):
 
 
 @njit(**_JIT)
-def _rows_t(buf, n, layer):
-    """The layer's units × n (transposed) block of a per-row workspace."""
-    start = n * layer.unit_offset
-    return buf[start:start + n * layer.fan_out].reshape((layer.fan_out, n))
-
-
-@njit(**_JIT)
 def _row_blocks(n, width):
     """How many row blocks to split n rows of ``width`` into (≥ ~16k elements each)."""
     per = max(1, 16384 // max(width, 1))
     return (n + per - 1) // per, per
 
 
+@intrinsic
+def _gemm(typingctx, ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
+    """Column-major C(m × n) = op(A)·op(B), with A, B and C the 1-D arrays
+    starting at each operand's first element and lda/ldb/ldc their leading
+    dimensions: BLAS's sgemm/dgemm (by c's dtype; alpha 1, beta 0; op =
+    transpose when ta/tb is ord('t')), through Numba's C helper
+    ``numba_xxgemm`` (numba/_lapack.c, what np.dot calls): resolved by
+    symbol name, so the kernels stay cacheable, and alpha/beta live on the
+    stack (no allocation)."""
+    sig = types.void(ta, tb, m, n, k, a, lda, b, ldb, c, ldc)
+
+    def codegen(context, builder, sig, args):
+        ta_, tb_, m_, n_, k_, a_, lda_, b_, ldb_, c_, ldc_ = args
+        char, voidp, intp = ir.IntType(8), ir.IntType(8).as_pointer(), cgutils.intp_t
+        fnty = ir.FunctionType(ir.IntType(32), [char, char, char, intp, intp, intp, voidp, voidp, intp,
+                                                voidp, intp, voidp, voidp, intp])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "numba_xxgemm")
+        dtype = sig.args[9].dtype
+        alpha = make_constant_slot(context, builder, dtype, 1.0)
+        beta = make_constant_slot(context, builder, dtype, 0.0)
+
+        def data(ty, val):
+            return builder.bitcast(context.make_array(ty)(context, builder, val).data, voidp)
+
+        def as_intp(ty, val):
+            return context.cast(builder, val, ty, types.intp)
+
+        ats = sig.args
+        builder.call(fn, (ir.Constant(char, ord(get_blas_kind(dtype))),
+                          builder.trunc(ta_, char), builder.trunc(tb_, char),
+                          as_intp(ats[2], m_), as_intp(ats[3], n_), as_intp(ats[4], k_),
+                          builder.bitcast(alpha, voidp), data(ats[5], a_), as_intp(ats[6], lda_),
+                          data(ats[7], b_), as_intp(ats[8], ldb_), builder.bitcast(beta, voidp),
+                          data(ats[9], c_), as_intp(ats[10], ldc_)))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _threads(typingctx):
+    """The calling thread's Numba thread count (``numba.get_num_threads``),
+    read through the threading layer's symbol by name, as the parallel
+    launcher does, so the kernels stay cacheable (numba's own overload goes
+    through a ctypes pointer, which Numba refuses to cache)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
+        return builder.call(fn, [])
+
+    return types.intp(), codegen
+
+
 @njit(**_JIT)
-def _dot(A, B, out):
-    """out = A @ B (BLAS; B may be a transposed view). Kept out of the
-    parallel functions: their array analysis mis-asserts shapes of
-    loop-carried arrays around np.dot."""
-    np.dot(A, B, out)
+def _flat(M):
+    """The 1-D view of a C-contiguous matrix."""
+    return M.reshape(M.shape[0] * M.shape[1])
+
+
+@njit(**_JIT)
+def _split(m, k, rt, ct):
+    """Training's tiles for an m × k output: rt × ct, the columns then the
+    rows halved (not below SPLIT_MIN) until there are SPLIT_TASKS tiles,
+    so a batch of 256 rows × 256 features still spreads over two threads.
+    A function of the shapes only: the bits stay independent of threads."""
+    while ((m + rt - 1) // rt) * ((k + ct - 1) // ct) < SPLIT_TASKS and ct > SPLIT_MIN and ct < 2 * k:
+        ct = max(SPLIT_MIN, ct // 2)
+    while ((m + rt - 1) // rt) * ((k + ct - 1) // ct) < SPLIT_TASKS and rt > SPLIT_MIN and rt < 2 * m:
+        rt = max(SPLIT_MIN, rt // 2)
+    return rt, ct
+
+
+@njit(**_JIT)
+def _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded):
+    """Tile t of Z = H·Wᵀ (rows r0.. by rt, features c0.. by ct; see _xwt);
+    the last row tile reads ``tail`` when ``padded``."""
+    r0 = (t // nc) * rt
+    c0 = (t % nc) * ct
+    cw = min(ct, fout - c0)
+    rh = min(rt, rows - r0)
+    if padded and r0 + rt >= rows:
+        _gemm(_T, _N, cw, rh, fin, Wf[c0 * fin:], fin, tail, fin, Zf[r0 * fout + c0:], fout)
+    else:
+        _gemm(_T, _N, cw, rh, fin, Wf[c0 * fin:], fin, Hf[r0 * fin:], fin, Zf[r0 * fout + c0:], fout)
 
 
 @njit(**_PJIT)
-def _blocked_dot(A, B, out):
-    """out = A @ B in fixed BLOCK-row slices of A and out, one
-    single-threaded BLAS call per slice, in parallel: the slices, hence the
-    bits, do not depend on the thread count."""
-    n = A.shape[0]
-    for k in prange((n + BLOCK - 1) // BLOCK):
-        r0 = k * BLOCK
-        r1 = min(n, r0 + BLOCK)
-        _dot(A[r0:r1], B, out[r0:r1])
+def _xwt(H, W, Z, rows, rt, ct, tail):
+    """Z = H·Wᵀ (H: n × fin, W: fout × fin, Z: rows × fout), one BLAS call
+    per fixed tile of rt rows × ct output features, tiles in parallel; the
+    last row tile has the rows left over. Training passes an empty ``tail``:
+    its tiles are split by ``_split``; inference's tiles are used as given. ``rows`` > n pads: Z's rows from n
+    on are the product of zero rows, the last row tile's input copied into
+    ``tail`` (≥ rt × fin) and zero-filled, so every call has the row count
+    the tiling of ``rows`` gives it, whatever n is."""
+    n, fin = H.shape
+    fout = W.shape[0]
+    if rows == 0:
+        return
+    if tail.shape[0] == 0:
+        rt, ct = _split(rows, fout, rt, ct)
+    nr = (rows + rt - 1) // rt
+    nc = (fout + ct - 1) // ct
+    padded = rows > n
+    if padded:
+        r0 = (nr - 1) * rt
+        for i in range(rows - r0):
+            for j in range(fin):
+                tail[i * fin + j] = H[r0 + i, j] if r0 + i < n else 0
+    Hf = _flat(H)
+    Wf = _flat(W)
+    Zf = _flat(Z)
+    if _threads() == 1:  # no parallel launch
+        for t in range(nr * nc):
+            _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded)
+    else:
+        for t in prange(nr * nc):
+            _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded)
+
+
+@njit(**_JIT)
+def _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct):
+    """Tile t of P = D·W (see _xw)."""
+    r0 = (t // nc) * rt
+    c0 = (t % nc) * ct
+    _gemm(_N, _N, min(ct, fin - c0), min(rt, n - r0), fout, Wf[c0:], fin, Df[r0 * fout:], fout, Pf[r0 * fin + c0:], fin)
+
+
+@njit(**_PJIT)
+def _xw(D, W, P, rt, ct):
+    """P = D·W (D: n × fout, W: fout × fin, P: n × fin: the layer input's
+    gradient), one BLAS call per fixed tile of rt rows × ct input features."""
+    n, fout = D.shape
+    fin = W.shape[1]
+    if n == 0:
+        return
+    rt, ct = _split(n, fin, rt, ct)
+    nc = (fin + ct - 1) // ct
+    tiles = ((n + rt - 1) // rt) * nc
+    Df = _flat(D)
+    Wf = _flat(W)
+    Pf = _flat(P)
+    if _threads() == 1:
+        for t in range(tiles):
+            _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct)
+    else:
+        for t in prange(tiles):
+            _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct)
+
+
+@njit(**_JIT)
+def _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct):
+    """Tile t of G = Dᵀ·H (see _dtx)."""
+    r0 = (t // nc) * rt
+    c0 = (t % nc) * ct
+    _gemm(_N, _T, min(ct, fin - c0), min(rt, fout - r0), n, Hf[c0:], fin, Df[r0:], fout, Gf[r0 * fin + c0:], fin)
+
+
+@njit(**_PJIT)
+def _dtx(D, H, G, rt, ct):
+    """G = Dᵀ·H (D: n × fout, H: n × fin, G: fout × fin: the weight
+    gradient, a sum over the n rows), one BLAS call per fixed tile of rt
+    output features × ct input features, each over all n rows."""
+    n, fout = D.shape
+    fin = H.shape[1]
+    rt, ct = _split(fout, fin, rt, ct)
+    nc = (fin + ct - 1) // ct
+    tiles = ((fout + rt - 1) // rt) * nc
+    Df = _flat(D)
+    Hf = _flat(H)
+    Gf = _flat(G)
+    if n == 0:
+        G[:] = 0
+        return
+    if _threads() == 1:
+        for t in range(tiles):
+            _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct)
+    else:
+        for t in prange(tiles):
+            _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct)
 
 
 @njit(**_JIT)
@@ -357,10 +550,10 @@ def perturb_weights_kernel(params, layers, out):
 
 
 @njit(**_JIT)
-def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
+def _backprop_rows(Dp, Zp, Ap, code, p, drop_p, key, r0, r1):
     """Rows r0..r1 of the layer below's dL/dz from dL/d(its output) in Dp:
     times its dropout mask·1/(1-p), times f'(z); written to Dp and, as
-    columns, to Dpt (its transpose, what the weight gradient reads)."""
+    in place."""
     u = Dp.shape[1]
     scale = 1.0 / (1.0 - drop_p)
     for i in range(r0, r1):
@@ -376,22 +569,25 @@ def _backprop_rows(Dp, Dpt, Zp, Ap, code, p, drop_p, key, r0, r1):
             else:
                 g = g * _act_grad(code, np.float64(Zp[i, j]), np.float64(Ap[i, j]), p)
             Dp[i, j] = g
-            Dpt[j, i] = g
 
 
 @njit(**_PJIT)
-def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
+def _forward_layers(H, params, layers, zbuf, abuf, hbuf, tiles, rows, tail):
     """Every dense layer from input H (n rows): Z = H·Wᵀ + b and A = f(Z)
-    into the layer's blocks of zbuf and abuf; bias and activation run in one
-    parallel pass after the blocked product. Training passes ``hbuf``: a
-    layer with dropout then writes its dropped-out A to its block of hbuf,
-    the next layer's input: element (r, c) is kept, times 1/(1-p), when
+    into the layer's blocks of zbuf and abuf, for ``rows`` rows (n, or more
+    to pad: see ``_xwt``); the product in the layer's fixed tiles
+    (``tiles[l]`` = rows, output features per BLAS call), then bias and
+    activation in one parallel pass. Training passes ``hbuf``: a layer with
+    dropout then writes its dropped-out A to its block of hbuf, the next
+    layer's input: element (r, c) is kept, times 1/(1-p), when
     uniform01(drop_key, r·units + c) >= p (inverted dropout, as
     torch.nn.Dropout); a layer with noise_std > 0 then adds its Gaussian
     noise to that block (``_noise_rows``; Keras GaussianNoise), so hbuf holds
     exactly the next layer's input. Inference passes an empty hbuf: no
-    dropout, no noise."""
-    n = H.shape[0]
+    dropout, no noise. At one thread the passes run as plain loops (no
+    parallel launch; same bits)."""
+    n = rows
+    serial = _threads() == 1
     for l in range(layers.shape[0]):
         layer = layers[l]
         W = _weight(params, layer)
@@ -400,10 +596,13 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
         A = _rows(abuf, n, layer)
         code = layer.act
         p = layer.act_param
-        _blocked_dot(H, W.T, Z)
+        _xwt(H, W, Z, n, tiles[l, 0], tiles[l, 1], tail)
         nb, per = _row_blocks(n, layer.fan_out)
-        for k in prange(nb):
-            _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
+        if serial:
+            _bias_act_rows(Z, A, b, code, p, 0, n)
+        else:
+            for k in prange(nb):
+                _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
         H = A
         pk = layer.drop_p
         if pk > 0.0 and hbuf.shape[0] > 0:
@@ -422,18 +621,12 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf):
             H = Hn
 
 
-@njit(**_PJIT)
-def forward_kernel(X, params, layers, out_kind, bufs, out):
-    """Inference (no dropout, no noise): writes the output activation
-    ``out_kind`` (OutputCode; IDENTITY gives the logits) of the network's
-    logits into ``out`` (n × units)."""
-    zbuf = bufs.z
-    abuf = bufs.a
-    n = X.shape[0]
-    _forward_layers(X, params, layers, zbuf, abuf, abuf[:0])
-    Zo = _rows(zbuf, n, layers[layers.shape[0] - 1])
+@njit(**_JIT)
+def _output_rows(Zo, out, out_kind, r0, r1):
+    """out[r] = the output activation ``out_kind`` of logits Zo[r], rows
+    r0..r1 (softmax max-shifted, in float64)."""
     u = Zo.shape[1]
-    for i in prange(n):
+    for i in range(r0, r1):
         if out_kind == Out.IDENTITY:
             for j in range(u):
                 out[i, j] = Zo[i, j]
@@ -454,6 +647,28 @@ def forward_kernel(X, params, layers, out_kind, bufs, out):
                 out[i, j] = np.nan
 
 
+@njit(**_PJIT)
+def forward_kernel(X, params, layers, out_kind, bufs, out):
+    """Inference (no dropout, no noise): writes the output activation
+    ``out_kind`` (OutputCode; IDENTITY gives the logits) of the network's
+    logits into ``out`` (n × units). The products run on the batch padded
+    to a multiple of the quantum ``bufs.tiles[0, 2]``, in the tiles of
+    ``bufs.tiles`` (chosen by ``cpu.tiling.predict_tiles`` so that a row's
+    bits do not depend on the batch it came in); at one thread no parallel
+    region is launched."""
+    n = X.shape[0]
+    q = bufs.tiles[0, 2]  # the padding quantum
+    rows = (n + q - 1) // q * q
+    _forward_layers(X, params, layers, bufs.z, bufs.a, bufs.a[:0], bufs.tiles, rows, bufs.tail)
+    Zo = _rows(bufs.z, rows, layers[layers.shape[0] - 1])
+    if _threads() == 1:
+        _output_rows(Zo, out, out_kind, 0, n)
+    else:
+        nb, per = _row_blocks(n, Zo.shape[1] * 8)
+        for k in prange(nb):
+            _output_rows(Zo, out, out_kind, k * per, min(n, (k + 1) * per))
+
+
 # --- losses ----------------------------------------------------------------------
 @njit(inline="always", **_JIT)
 def _argmax_logsumexp(Zo, i):
@@ -472,9 +687,9 @@ def _argmax_logsumexp(Zo, i):
 
 
 @njit(**_JIT)
-def _loss_row_labels(Zo, y, D, Dt, i, inv_n, smoothing):
+def _loss_row_labels(Zo, y, D, i, inv_n, smoothing):
     """Softmax cross-entropy of row i with an integer label; writes
-    D[i] = (p - t)/n and its column of Dt = Dᵀ; returns (loss_i, correct_i)."""
+    D[i] = (p - t)/n; returns (loss_i, correct_i)."""
     u = Zo.shape[1]
     am, lse = _argmax_logsumexp(Zo, i)
     lab = y[i]
@@ -489,15 +704,15 @@ def _loss_row_labels(Zo, y, D, Dt, i, inv_n, smoothing):
         loss = lse - np.float64(Zo[i, lab])
     for j in range(u):
         t = eps_c + (1.0 - smoothing if j == lab else 0.0)
-        D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
+        D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) - t) * inv_n
     return loss, 1 if am == lab else 0
 
 
 @njit(**_JIT)
-def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
+def _loss_row_targets(Zo, Y, D, i, inv_n, smoothing, out_kind):
     """One row of the loss of output kind ``out_kind`` against float targets
     (mse, bce_with_logits, or softmax cross-entropy with probability
-    targets). Writes D[i] and its column of Dt = Dᵀ; returns (row loss sum,
+    targets). Writes D[i]; returns (row loss sum,
     correct count); NaN loss for a kind it does not know."""
     u = Zo.shape[1]
     loss = 0.0
@@ -506,13 +721,13 @@ def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
         for j in range(u):
             d = np.float64(Zo[i, j]) - np.float64(Y[i, j])
             loss += d * d
-            D[i, j] = Dt[j, i] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
+            D[i, j] = 2.0 * (Zo[i, j] - Y[i, j]) * inv_n
     elif out_kind == Out.SIGMOID:  # bce with logits: D = (σ(z) - y)/(n·u)
         for j in range(u):
             z = np.float64(Zo[i, j])
             yy = np.float64(Y[i, j])
             loss += max(z, 0.0) - z * yy + math.log1p(math.exp(-abs(z)))
-            D[i, j] = Dt[j, i] = (_sigmoid(z) - yy) * inv_n
+            D[i, j] = (_sigmoid(z) - yy) * inv_n
             if (z > 0.0) == (yy > 0.5):
                 correct += 1
     elif out_kind == Out.SOFTMAX:  # probability targets
@@ -531,7 +746,7 @@ def _loss_row_targets(Zo, Y, D, Dt, i, inv_n, smoothing, out_kind):
             loss += t * (lse - np.float64(Zo[i, j]))
         for j in range(u):
             t = np.float64(Y[i, j]) * (1.0 - smoothing) + eps_c
-            D[i, j] = Dt[j, i] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
+            D[i, j] = (math.exp(np.float64(Zo[i, j]) - lse) * tsum - t) * inv_n
         correct = 1 if am == ay else 0
     else:
         loss = math.nan
@@ -555,7 +770,6 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
     abuf = bufs.a
     hbuf = bufs.h
     dbuf = bufs.d
-    tbuf = bufs.dt
     rowloss = bufs.rowloss
     rowcorrect = bufs.rowcorrect
     partials = bufs.partials
@@ -586,18 +800,17 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
         for k in prange(nbt):
             _noise_rows(Y, bufs.yn, tstd, tkey, k * pert, min(n, (k + 1) * pert))
         Y = bufs.yn
-    _forward_layers(H, P, layers, zbuf, abuf, hbuf)
+    _forward_layers(H, P, layers, zbuf, abuf, hbuf, bufs.tiles, n, zbuf[:0])
     # loss and output delta
     out_layer = layers[L - 1]
     Zo = _rows(zbuf, n, out_layer)
     Do = _rows(dbuf, n, out_layer)
-    Dot = _rows_t(tbuf, n, out_layer)
     for r in prange(n):
         i = np.int64(r)  # one signature for the row functions (the parfor index is unsigned)
         if labels.shape[0] > 0:
-            rl, rc = _loss_row_labels(Zo, labels, Do, Dot, i, inv, smoothing)
+            rl, rc = _loss_row_labels(Zo, labels, Do, i, inv, smoothing)
         else:
-            rl, rc = _loss_row_targets(Zo, Y, Do, Dot, i, inv, smoothing, out_kind)
+            rl, rc = _loss_row_targets(Zo, Y, Do, i, inv, smoothing, out_kind)
         rowloss[i] = rl
         rowcorrect[i] = rc
     loss = 0.0
@@ -611,26 +824,24 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
         layer = layers[l]
         fout = layer.fan_out
         D = _rows(dbuf, n, layer)
-        Dt = _rows_t(tbuf, n, layer)
         if l == 0:
             Hin = xin if noise_std > 0.0 else X
         elif layers[l - 1].drop_p > 0.0 or layers[l - 1].noise_std > 0.0:
             Hin = _rows(hbuf, n, layers[l - 1])
         else:
             Hin = _rows(abuf, n, layers[l - 1])
-        _blocked_dot(Dt, Hin, _weight(grads, layer))  # gW = D.T @ Hin, by blocks of output rows
+        _dtx(D, Hin, _weight(grads, layer), ROW_TILE, COL_TILE)  # gW = Dᵀ·Hin, fixed tiles of gW
         boff = layer.b_offset
-        for j in prange(fout):  # bias grad: row sums of D.T, float64 accumulation
+        for j in prange(fout):  # bias grad: column sums of D over the rows in order, float64 accumulation
             s = 0.0
             for i in range(n):
-                s += Dt[j, i]
+                s += D[i, j]
             grads[boff + j] = s
         if l > 0:
             below = layers[l - 1]
             W = _weight(P, layer)  # W̃ under weight noise
             Dp = _rows(dbuf, n, below)
-            Dpt = _rows_t(tbuf, n, below)
-            _blocked_dot(D, W, Dp)
+            _xw(D, W, Dp, ROW_TILE, COL_TILE)
             Zp = _rows(zbuf, n, below)
             Ap = _rows(abuf, n, below)
             code = below.act
@@ -639,7 +850,7 @@ def train_kernel(X, targets, params, grads, layers, settings, bufs):
             key = below.drop_key
             nb, per = _row_blocks(n, below.fan_out)
             for k in prange(nb):
-                _backprop_rows(Dp, Dpt, Zp, Ap, code, p, pk, key, k * per, min(n, (k + 1) * per))
+                _backprop_rows(Dp, Zp, Ap, code, p, pk, key, k * per, min(n, (k + 1) * per))
     # squared norm, fixed blocks then a serial sum
     m = grads.shape[0]
     nblk = partials.shape[0]
