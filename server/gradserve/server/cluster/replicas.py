@@ -138,6 +138,9 @@ class Replica:
         if step != self.model.step:
             raise RuntimeError(f"replica {self.index} is at step {self.model.step}, the step is {step}")
         t0 = time.perf_counter()
+        # Ray hands arrays over as read-only views, a Numba type of their own: copied, so the
+        # kernels run the writable-array signature warm_up compiled (no compile in the actor)
+        X, y = np.array(X), np.array(y)
         loss, correct, sq = self.model.backend.loss_and_grads(X, y, step)
         seconds = time.perf_counter() - t0
         g = self.model.backend.get_grads().astype(np.float64)
