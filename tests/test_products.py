@@ -12,6 +12,7 @@ from gradserve import nnkernels
 from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, runtime
 from gradserve.nnkernels.cpu import tiling
 from gradserve.nnkernels.cpu.kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _dtx, _xw, _xwt
+from gradserve.nnkernels.cpu.twins import serial_twin
 
 THREADS = sorted({1, 2, numba.config.NUMBA_NUM_THREADS} & set(range(1, numba.config.NUMBA_NUM_THREADS + 1)))
 
@@ -31,8 +32,10 @@ def at_threads(k, fn):
         numba.set_num_threads(before)
 
 
-def products(dtype, n, fin, fout, rt, ct, rows=None):
-    """The three products on random data: (Z = H·Wᵀ, P = D·W, G = Dᵀ·H)."""
+def products(dtype, n, fin, fout, rt, ct, rows=None, serial=False):
+    """The three products on random data: (Z = H·Wᵀ, P = D·W, G = Dᵀ·H);
+    ``serial``: through their serial twins (what a one-thread call runs)."""
+    xwt, xw, dtx = (serial_twin(f) for f in (_xwt, _xw, _dtx)) if serial else (_xwt, _xw, _dtx)
     rs = np.random.default_rng(n * 7 + fin)
     H = rs.standard_normal((n, fin)).astype(dtype)
     W = rs.standard_normal((fout, fin)).astype(dtype)
@@ -40,11 +43,11 @@ def products(dtype, n, fin, fout, rt, ct, rows=None):
     rows = n if rows is None else rows
     Z = np.full((rows, fout), np.nan, dtype)
     tail = np.empty(rt * fin if rows > n else 0, dtype)
-    _xwt(H, W, Z, rows, rt, ct, tail)
+    xwt(H, W, Z, rows, rt, ct, tail)
     P = np.full((n, fin), np.nan, dtype)
-    _xw(D, W, P, rt, ct)
+    xw(D, W, P, rt, ct)
     G = np.full((fout, fin), np.nan, dtype)
-    _dtx(D, H, G, rt, ct)
+    dtx(D, H, G, rt, ct)
     return (H, W, D), (Z, P, G)
 
 
@@ -69,9 +72,10 @@ def test_padded_product_pads_with_zero_rows_and_keeps_the_real_rows():
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_tiled_products_are_bit_identical_at_every_thread_count(dtype):
-    # shapes spanning several tiles both ways; thread count 1 takes the serial loops
+    # shapes spanning several tiles both ways; the serial twins (a one-thread call) too
     for args in [(300, 130, 520, ROW_TILE, COL_TILE), (40, 70, 300, 16, 64), (16, 1024, 700, 256, 256)]:
         runs = [at_threads(k, lambda: products(dtype, *args)[1]) for k in THREADS]
+        runs.append(products(dtype, *args, serial=True)[1])
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 np.testing.assert_array_equal(a, b)
@@ -109,7 +113,7 @@ def test_a_predicted_row_has_the_same_bits_alone_and_in_any_batch(sizes, dtype):
         np.testing.assert_array_equal(m.predict(X[:n]), full[:n], err_msg=f"batch {n}")
     for i in (0, 3, 255, 256, 599):
         np.testing.assert_array_equal(m.predict(X[i:i + 1]), full[i:i + 1], err_msg=f"row {i} alone")
-    # logits too, and the same at a budget of one thread (the serial loops)
+    # logits too, and the same at a budget of one thread (the serial twin)
     nnkernels.set_thread_budget(1)
     try:
         alone = m.predict(X[7:8], logits=True)

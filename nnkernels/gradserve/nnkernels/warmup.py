@@ -14,7 +14,8 @@ from .spec import LayerSpec, ModelSpec, OptimizerSpec, OutputSpec, Regularizatio
 def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
     """Run a tiny model through every kernel signature the CPU backend uses
     (per dtype: int labels and float targets, inference, the optimizer pass,
-    small and parallel batch sizes, a compiled run of steps). Returns (seconds taken, threading
+    small and parallel batch sizes (serial twins and parallel kernels), a compiled run of steps).
+    Returns (seconds taken, threading
     layer); raises RuntimeError when the layer is not thread-safe."""
     t0 = time.perf_counter()
     for dtype in dtypes:
@@ -38,6 +39,13 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
             for data in (X.astype("float32"), X):
                 clf.train_steps(data, np.arange(rows) % 3, order, rows)
             reg.train_steps(X.astype(dtype), X[:, :1], order, rows)
+        # the per-parameter passes (optimizer, W̃) get threads by parameter count: a model with
+        # 128 × 2048 parameters runs their parallel kernels (the small ones above ran the serial twins)
+        wide = Model(ModelSpec(input_size=runtime.PARALLEL_MIN_ROWS * 2048 // 8, hidden=(), output=OutputSpec(8),
+                               optimizer=OptimizerSpec("adam"), dtype=dtype,
+                               regularization=RegularizationSpec(weight_noise_std=0.01)))
+        X = np.linspace(-1, 1, 2 * wide.spec.input_size).reshape(2, -1)
+        wide.train_step(X, X[:, :8])
         clf.set_weights(clf.get_weights())  # 1-D and 2-D finiteness checks
         clf.load_state_dict(clf.state_dict())
     return time.perf_counter() - t0, runtime.check_threading_layer()

@@ -1,6 +1,6 @@
 """CpuBackend: one model's flat parameters, gradients, optimizer state and
 workspaces in host memory, driven by the Numba kernels of ``kernels.py`` and
-``optimizer.py``."""
+``optimizer.py`` (their serial twins when a call gets one thread: ``twins.py``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +25,7 @@ from .kernels import (
 )
 from .optimizer import optimizer_kernel
 from .tiling import predict_tiles, train_tiles
+from .twins import for_threads
 
 
 class _TrainWorkspace:
@@ -139,8 +140,8 @@ class CpuBackend(Backend):
         out = np.empty((n, self.spec.output.units), self.dtype)
         out_kind = self._logits_kind if logits else self._out_kind
         try:
-            with runtime.kernel_threads(n, self._padded(n) * self._macs):
-                forward_kernel(X, self.params, self.layers, out_kind, slot.views, out)
+            with runtime.kernel_threads(n, self._padded(n) * self._macs) as k:
+                for_threads(forward_kernel, k)(X, self.params, self.layers, out_kind, slot.views, out)
         finally:
             self._free_forward.append(slot)
         return out
@@ -164,17 +165,18 @@ class CpuBackend(Backend):
         targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
         bufs = self._workspace(n).buffers(n, self._partials, self._train_tiles)
         if bufs.wn.shape[0] > 0:  # weight noise: this step's W̃, threads by parameter count as the optimizer
-            with runtime.kernel_threads(self.params.shape[0] // 2048):
-                perturb_weights_kernel(self.params, self.layers, bufs.wn)
-        with runtime.kernel_threads(n, 3 * n * self._macs):
-            loss, correct, sq = train_kernel(X, targets, self.params, self.grads, self.layers, settings, bufs)
+            with runtime.kernel_threads(self.params.shape[0] // 2048) as k:
+                for_threads(perturb_weights_kernel, k)(self.params, self.layers, bufs.wn)
+        with runtime.kernel_threads(n, 3 * n * self._macs) as k:
+            loss, correct, sq = for_threads(train_kernel, k)(X, targets, self.params, self.grads, self.layers,
+                                                             settings, bufs)
         return float(loss), int(correct), float(sq)
 
     def step(self, lr, t, grad_scale):
         # computed in float64 as torch does with Python floats, then cast to the parameter dtype
         self._coef[0] = optimizer_coefficients(self.spec.optimizer, lr, t, grad_scale)
-        with runtime.kernel_threads(self.params.shape[0] // 2048):
-            optimizer_kernel(self.params, self.grads, self._slots, self._opt_code, self._coef)
+        with runtime.kernel_threads(self.params.shape[0] // 2048) as k:
+            for_threads(optimizer_kernel, k)(self.params, self.grads, self._slots, self._opt_code, self._coef)
 
     def train_steps(self, X, y, order, first, steps, batch_size, step):
         # every step of the run inside one compiled call (cpu.epochs)

@@ -17,7 +17,7 @@ whose loss or gradient norm is not finite: that step is not applied (the
 parameters, optimizer state and step count are those of the last finite
 step), as ``Model.train_step`` refuses it.
 
-Below ``runtime.PARALLEL_MIN_ROWS`` rows (where a call gets one thread) the
+Where the run gets one thread (``runtime.threads_for``: small batches) the
 run calls the kernels' serial twins (``cpu.twins``): same bits, no parallel
 launches. Numba's on-disk cache keys a caller by its own file only, and a
 compiled caller holds a copy of its callees' code, so the loop's closure

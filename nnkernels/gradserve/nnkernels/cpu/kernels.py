@@ -28,6 +28,11 @@ Design rules:
   row's output is the same bits whichever rows share its batch (dynamic
   batching). Every other pass (bias + activation, derivative, dropout,
   loss) is one fused prange loop.
+- At one thread no parallel region should launch (each costs microseconds
+  even then): the backend calls a kernel's serial twin (``cpu.twins``: the
+  same source compiled without ``parallel``, prange as range) over the same
+  fixed partition, so the bits are the same; the kernels themselves never
+  branch on the thread count.
 - Every prange iteration writes its own outputs; reductions go through
   fixed-size partial buffers summed serially, so results do not depend on how
   the threading layer schedules the iterations (bit-identical runs).
@@ -333,19 +338,6 @@ def _gemm(typingctx, ta, tb, m, n, k, a, lda, b, ldb, c, ldc):
     return sig, codegen
 
 
-@intrinsic
-def _threads(typingctx):
-    """The calling thread's Numba thread count (``numba.get_num_threads``),
-    read through the threading layer's symbol by name, as the parallel
-    launcher does, so the kernels stay cacheable (numba's own overload goes
-    through a ctypes pointer, which Numba refuses to cache)."""
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(cgutils.intp_t, []), "get_num_threads")
-        return builder.call(fn, [])
-
-    return types.intp(), codegen
-
-
 @njit(**_JIT)
 def _flat(M):
     """The 1-D view of a C-contiguous matrix."""
@@ -405,12 +397,8 @@ def _xwt(H, W, Z, rows, rt, ct, tail):
     Hf = _flat(H)
     Wf = _flat(W)
     Zf = _flat(Z)
-    if _threads() == 1:  # no parallel launch
-        for t in range(nr * nc):
-            _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded)
-    else:
-        for t in prange(nr * nc):
-            _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded)
+    for t in prange(nr * nc):
+        _xwt_tile(t, nc, Hf, Wf, Zf, rows, fin, fout, rt, ct, tail, padded)
 
 
 @njit(**_JIT)
@@ -435,12 +423,8 @@ def _xw(D, W, P, rt, ct):
     Df = _flat(D)
     Wf = _flat(W)
     Pf = _flat(P)
-    if _threads() == 1:
-        for t in range(tiles):
-            _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct)
-    else:
-        for t in prange(tiles):
-            _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct)
+    for t in prange(tiles):
+        _xw_tile(t, nc, Df, Wf, Pf, n, fout, fin, rt, ct)
 
 
 @njit(**_JIT)
@@ -467,12 +451,8 @@ def _dtx(D, H, G, rt, ct):
     if n == 0:
         G[:] = 0
         return
-    if _threads() == 1:
-        for t in range(tiles):
-            _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct)
-    else:
-        for t in prange(tiles):
-            _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct)
+    for t in prange(tiles):
+        _dtx_tile(t, nc, Df, Hf, Gf, n, fout, fin, rt, ct)
 
 
 @njit(**_JIT)
@@ -584,10 +564,8 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf, tiles, rows, tail):
     torch.nn.Dropout); a layer with noise_std > 0 then adds its Gaussian
     noise to that block (``_noise_rows``; Keras GaussianNoise), so hbuf holds
     exactly the next layer's input. Inference passes an empty hbuf: no
-    dropout, no noise. At one thread the passes run as plain loops (no
-    parallel launch; same bits)."""
+    dropout, no noise."""
     n = rows
-    serial = _threads() == 1
     for l in range(layers.shape[0]):
         layer = layers[l]
         W = _weight(params, layer)
@@ -598,11 +576,8 @@ def _forward_layers(H, params, layers, zbuf, abuf, hbuf, tiles, rows, tail):
         p = layer.act_param
         _xwt(H, W, Z, n, tiles[l, 0], tiles[l, 1], tail)
         nb, per = _row_blocks(n, layer.fan_out)
-        if serial:
-            _bias_act_rows(Z, A, b, code, p, 0, n)
-        else:
-            for k in prange(nb):
-                _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
+        for k in prange(nb):
+            _bias_act_rows(Z, A, b, code, p, k * per, min(n, (k + 1) * per))
         H = A
         pk = layer.drop_p
         if pk > 0.0 and hbuf.shape[0] > 0:
@@ -654,19 +629,15 @@ def forward_kernel(X, params, layers, out_kind, bufs, out):
     logits into ``out`` (n × units). The products run on the batch padded
     to a multiple of the quantum ``bufs.tiles[0, 2]``, in the tiles of
     ``bufs.tiles`` (chosen by ``cpu.tiling.predict_tiles`` so that a row's
-    bits do not depend on the batch it came in); at one thread no parallel
-    region is launched."""
+    bits do not depend on the batch it came in)."""
     n = X.shape[0]
     q = bufs.tiles[0, 2]  # the padding quantum
     rows = (n + q - 1) // q * q
     _forward_layers(X, params, layers, bufs.z, bufs.a, bufs.a[:0], bufs.tiles, rows, bufs.tail)
     Zo = _rows(bufs.z, rows, layers[layers.shape[0] - 1])
-    if _threads() == 1:
-        _output_rows(Zo, out, out_kind, 0, n)
-    else:
-        nb, per = _row_blocks(n, Zo.shape[1] * 8)
-        for k in prange(nb):
-            _output_rows(Zo, out, out_kind, k * per, min(n, (k + 1) * per))
+    nb, per = _row_blocks(n, Zo.shape[1] * 8)
+    for k in prange(nb):
+        _output_rows(Zo, out, out_kind, k * per, min(n, (k + 1) * per))
 
 
 # --- losses ----------------------------------------------------------------------

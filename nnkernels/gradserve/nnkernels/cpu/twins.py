@@ -69,3 +69,9 @@ def serial_twin(dispatcher: CPUDispatcher) -> CPUDispatcher:
     options["error_model"] = "numpy"  # as prange bodies are compiled: x/0 is inf or NaN, not ZeroDivisionError
     twin = _TWINS[id(dispatcher)] = njit(**options)(copy)
     return twin
+
+
+def for_threads(dispatcher: CPUDispatcher, threads: int) -> CPUDispatcher:
+    """The kernel to call with ``threads`` threads: its serial twin at one
+    thread (no parallel launches), else itself. Same bits either way."""
+    return serial_twin(dispatcher) if threads == 1 else dispatcher

@@ -58,10 +58,12 @@ def kernel_cache_stats() -> dict:
     process: a miss is a compile, a hit a load from the shared cache."""
     from gradserve.nnkernels.cpu.kernels import forward_kernel, train_kernel
     from gradserve.nnkernels.cpu.optimizer import optimizer_kernel
+    from gradserve.nnkernels.cpu.twins import serial_twin
     hits = misses = 0
     for kernel in (train_kernel, optimizer_kernel, forward_kernel):
-        hits += sum(kernel.stats.cache_hits.values())
-        misses += sum(kernel.stats.cache_misses.values())
+        for compiled in (kernel, serial_twin(kernel)):  # a call at one thread runs the twin
+            hits += sum(compiled.stats.cache_hits.values())
+            misses += sum(compiled.stats.cache_misses.values())
     return {"hits": hits, "misses": misses, "cache_path": train_kernel.stats.cache_path}
 
 
