@@ -349,3 +349,33 @@ def test_a_data_set_a_fit_trains_on_cannot_be_deleted_meanwhile(client):
             assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
             time.sleep(0.05)
     assert dataset.dataset_id not in {d.dataset_id for d in client.list_datasets()}
+
+
+def test_a_data_set_is_one_fsynced_file_beside_the_store_read_back_mapped(tmp_path):
+    import json
+    import sqlite3
+
+    from gradserve.server.store import SqliteStore
+    path = str(tmp_path / "s.db")
+    X, y = np.arange(12, dtype=np.float32).reshape(4, 3), np.array([0, 1, 0, 1])
+    store = SqliteStore(path)
+    store.put_dataset("ds1", "h1", "four rows", 1.0, {"inputs": X, "targets": y})
+    assert (tmp_path / "s.db.datasets" / "ds1").stat().st_size == X.nbytes + y.nbytes
+    (tmp_path / "s.db.datasets" / ".ds2.tmp").write_bytes(b"torn")  # a crash mid-write
+    (tmp_path / "s.db.datasets" / "ds3").write_bytes(b"never committed")  # a crash before the row
+    # a row of an older store, its bytes in SQLite
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("INSERT INTO datasets (id, content_hash, name, created, nbytes, meta, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               ("old", "h0", "", 0.5, X.nbytes, json.dumps([["inputs", "<f4", [4, 3]]]), X.tobytes()))
+    db.close()
+    store.close()
+    store = SqliteStore(path)  # reopened: leftovers without a row are gone
+    assert sorted(f.name for f in (tmp_path / "s.db.datasets").iterdir()) == ["ds1"]
+    arrays = store.dataset_arrays("ds1")
+    np.testing.assert_array_equal(arrays["inputs"], X)
+    np.testing.assert_array_equal(arrays["targets"], y)
+    assert not arrays["inputs"].flags.writeable
+    np.testing.assert_array_equal(store.dataset_arrays("old")["inputs"], X)
+    store.delete_dataset("ds1")
+    assert store.dataset_arrays("ds1") is None and not (tmp_path / "s.db.datasets" / "ds1").exists()
+    store.close()

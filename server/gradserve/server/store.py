@@ -17,10 +17,13 @@ a commit survives a crash of the process but maybe not of the machine.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -154,6 +157,7 @@ class SqliteStore:
         if "tenant" not in columns:  # a store from before tenants: its models belong to none
             self._db.execute("ALTER TABLE models ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._drop_orphan_dataset_files()
 
     def close(self) -> None:
         with self._lock:
@@ -272,15 +276,34 @@ class SqliteStore:
 
     # -- data sets (server-side Fit) ------------------------------------------------
     # A data set is one row: ``meta`` holds the JSON layout of its arrays
-    # (``inputs``, ``targets``; ``wal.pack_arrays``) and ``data`` their bytes.
+    # (``inputs``, ``targets``; ``wal.pack_arrays``); their bytes are one file,
+    # STORE.datasets/<id>, written whole and fsynced (temporary name, then
+    # renamed) before the row is committed, and mapped read-only when loaded.
+    # A blob in SQLite wrote a 188 MB data set twice (WAL, then checkpoint):
+    # 0.62 s against 0.2 s for the file. Rows of older stores keep their bytes
+    # in ``data`` and are read from there.
+
+    @property
+    def datasets_dir(self) -> Path:
+        return Path(self.path + ".datasets")
 
     def put_dataset(self, dataset_id: str, content_hash: str, name: str, created: float,
                     arrays: dict[str, np.ndarray]) -> None:
         layout, buffers = pack_arrays(arrays)
-        data = b"".join(buffers)
+        folder = self.datasets_dir
+        folder.mkdir(exist_ok=True)
+        final, tmp = folder / dataset_id, folder / f".{dataset_id}.tmp"
+        with open(tmp, "wb") as f:
+            for buf in buffers:
+                f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        nbytes = sum(len(b) for b in buffers)
         self._transaction([("INSERT OR IGNORE INTO datasets (id, content_hash, name, created, nbytes, meta, data) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (dataset_id, content_hash, name, created, len(data), json.dumps(layout), data))])
+                            (dataset_id, content_hash, name, created, nbytes, json.dumps(layout), b""))])
 
     def datasets(self) -> list[tuple[str, str, str, float, int, str]]:
         """(id, content_hash, name, created, nbytes, meta) of every data set, without their bytes."""
@@ -289,11 +312,37 @@ class SqliteStore:
                                     "ORDER BY created, id").fetchall()
 
     def dataset_arrays(self, dataset_id: str) -> dict[str, np.ndarray] | None:
+        """The data set's arrays, read-only (views of the mapped file)."""
         with self._lock:
-            row = self._db.execute("SELECT meta, data FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = self._db.execute("SELECT meta, nbytes, data FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
         if row is None:
             return None
-        return unpack_arrays(json.loads(row[0]), row[1])
+        meta, nbytes, data = row
+        if not data and nbytes:
+            with open(self.datasets_dir / dataset_id, "rb") as f:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return unpack_arrays(json.loads(meta), data)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._transaction([("DELETE FROM datasets WHERE id = ?", (dataset_id,))])
+        (self.datasets_dir / dataset_id).unlink(missing_ok=True)
+
+    def _drop_orphan_dataset_files(self) -> None:
+        """Files a crash left without their row (written, not committed) and
+        half-written temporaries."""
+        folder = self.datasets_dir
+        if not folder.is_dir():
+            return
+        known = {r[0] for r in self._db.execute("SELECT id FROM datasets")}
+        for f in folder.iterdir():
+            if f.name not in known:
+                f.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
