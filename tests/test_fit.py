@@ -359,7 +359,7 @@ def test_a_data_set_is_one_fsynced_file_beside_the_store_read_back_mapped(tmp_pa
     path = str(tmp_path / "s.db")
     X, y = np.arange(12, dtype=np.float32).reshape(4, 3), np.array([0, 1, 0, 1])
     store = SqliteStore(path)
-    store.put_dataset("ds1", "h1", "four rows", 1.0, {"inputs": X, "targets": y})
+    store.put_dataset("ds1", "h1", "four rows", 1.0, {"inputs": [X[:1], X[1:]], "targets": [y[:3], y[3:]]})  # chunks
     assert (tmp_path / "s.db.datasets" / "ds1").stat().st_size == X.nbytes + y.nbytes
     (tmp_path / "s.db.datasets" / ".ds2.tmp").write_bytes(b"torn")  # a crash mid-write
     (tmp_path / "s.db.datasets" / "ds3").write_bytes(b"never committed")  # a crash before the row
@@ -379,3 +379,12 @@ def test_a_data_set_is_one_fsynced_file_beside_the_store_read_back_mapped(tmp_pa
     store.delete_dataset("ds1")
     assert store.dataset_arrays("ds1") is None and not (tmp_path / "s.db.datasets" / "ds1").exists()
     store.close()
+
+
+def test_the_content_hash_of_row_chunks_is_that_of_their_concatenation():
+    from gradserve.wire.dataset import content_hash
+    rs = np.random.default_rng(2)
+    X, y = rs.standard_normal((10, 3)).astype(np.float32), rs.integers(0, 4, 10)
+    whole = content_hash(X, y)
+    assert content_hash([X[:4], X[4:4], X[4:]], [y[:7], y[7:]]) == whole
+    assert content_hash([X[:4], X[5:]], [y[:4], y[5:]]) != whole  # a row missing

@@ -9,13 +9,19 @@ import json
 import numpy as np
 
 
-def content_hash(X: np.ndarray, y: np.ndarray) -> str:
-    """sha256 of each array's dtype and shape (JSON) and its little-endian C-order bytes."""
+def content_hash(X, y) -> str:
+    """sha256 of each array's dtype and shape (JSON) and its little-endian
+    C-order bytes. ``X`` and ``y`` may each be a list of row chunks of one
+    dtype (an upload as it arrived): the digest is that of their
+    concatenation, without making it."""
     h = hashlib.sha256()
-    for a in (X, y):
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        h.update(json.dumps([a.dtype.str, list(a.shape)]).encode())
-        h.update(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
+    for parts in (X, y):
+        parts = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+                 for a in (parts if isinstance(parts, list) else [parts])]
+        shape = [sum(len(a) for a in parts), *parts[0].shape[1:]]
+        h.update(json.dumps([parts[0].dtype.str, shape]).encode())
+        for a in parts:
+            h.update(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
     return h.hexdigest()
 
 

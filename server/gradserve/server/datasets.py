@@ -75,24 +75,33 @@ class DatasetCatalog:
         with self._lock:
             return sum(i.nbytes for i in self._infos.values())
 
-    def put(self, X: np.ndarray, y: np.ndarray, name: str = "") -> tuple[DatasetInfo, bool]:
-        """Stores (X, y) unless the same content is stored; returns (info, created)."""
-        nbytes = X.nbytes + y.nbytes
+    def put(self, X, y, name: str = "") -> tuple[DatasetInfo, bool]:
+        """Stores (X, y) unless the same content is stored; returns (info,
+        created). X and y are arrays, or lists of row chunks of one dtype
+        (an upload as it arrived: with a store they go to its file as they
+        are and come back mapped, never concatenated in memory)."""
+        xs, ys = (X if isinstance(X, list) else [X]), (y if isinstance(y, list) else [y])
+        nbytes = sum(a.nbytes for a in xs) + sum(a.nbytes for a in ys)
         self.limits.check_dataset(nbytes)
-        digest = content_hash(X, y)
+        digest = content_hash(xs, ys)
         dataset_id = id_of(digest)
         with self._lock:
             known = self._infos.get(dataset_id)
             if known is not None:
                 return known, False
             self.limits.check_dataset(nbytes, sum(i.nbytes for i in self._infos.values()) + nbytes)
-            X, y = np.ascontiguousarray(X), np.ascontiguousarray(y)
-            info = DatasetInfo(dataset_id, digest, name, time.time(), nbytes, X.shape, X.dtype.name, y.shape,
-                               y.dtype.name)
+            x_shape = (sum(len(a) for a in xs), *xs[0].shape[1:])
+            y_shape = (sum(len(a) for a in ys), *ys[0].shape[1:])
+            info = DatasetInfo(dataset_id, digest, name, time.time(), nbytes, x_shape, xs[0].dtype.name, y_shape,
+                               ys[0].dtype.name)
             if self.store is not None:
-                self.store.put_dataset(dataset_id, digest, name, info.created, {"inputs": X, "targets": y})
+                self.store.put_dataset(dataset_id, digest, name, info.created, {"inputs": xs, "targets": ys})
+                arrays = self.store.dataset_arrays(dataset_id)
+                self._arrays[dataset_id] = (arrays["inputs"], arrays["targets"])
+            else:
+                self._arrays[dataset_id] = tuple(np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+                                                 for parts in (xs, ys))
             self._infos[dataset_id] = info
-            self._arrays[dataset_id] = (X, y)
         log.info("event=dataset_stored dataset_id=%s rows=%d bytes=%d", dataset_id, info.rows, nbytes)
         return info, True
 

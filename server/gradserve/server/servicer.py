@@ -398,9 +398,7 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             ys.append(y)
         if not xs or sum(len(x) for x in xs) == 0:
             raise BadRequest("inputs", "the upload holds no rows")
-        X = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-        info, _ = self.registry.datasets.put(X, y, name)
+        info, _ = self.registry.datasets.put(xs, ys, name)  # the chunks as they came: no concatenated copy
         return self._dataset_info(info)
 
     @rpc

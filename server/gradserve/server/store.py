@@ -288,8 +288,14 @@ class SqliteStore:
         return Path(self.path + ".datasets")
 
     def put_dataset(self, dataset_id: str, content_hash: str, name: str, created: float,
-                    arrays: dict[str, np.ndarray]) -> None:
-        layout, buffers = pack_arrays(arrays)
+                    arrays: dict[str, list[np.ndarray]]) -> None:
+        """``arrays``: name -> its row chunks (one dtype), written one after
+        the other: the file holds their concatenation, never made in memory."""
+        layout, buffers = [], []
+        for array_name, parts in arrays.items():
+            chunk_layout, chunk_buffers = pack_arrays({str(i): a for i, a in enumerate(parts)})
+            layout.append([array_name, chunk_layout[0][1], [sum(len(a) for a in parts), *parts[0].shape[1:]]])
+            buffers += chunk_buffers
         folder = self.datasets_dir
         folder.mkdir(exist_ok=True)
         final, tmp = folder / dataset_id, folder / f".{dataset_id}.tmp"
