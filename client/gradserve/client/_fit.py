@@ -47,8 +47,10 @@ def dataset_chunks(X, y, max_message_bytes: int, name: str = ""):
     row_bytes = max(1, X[0].nbytes + y[0].nbytes)
     rows = max(1, (max_message_bytes // 2) // row_bytes)
     for i in range(0, len(X), rows):
-        yield pb.DatasetChunk(inputs=encode_tensor(X[i:i + rows], "inputs"),
-                              targets=encode_tensor(y[i:i + rows], "targets"), name=name if i == 0 else "")
+        chunk = pb.DatasetChunk(name=name if i == 0 else "")
+        encode_tensor(X[i:i + rows], "inputs", chunk.inputs)  # in place: a message given to the constructor is copied
+        encode_tensor(y[i:i + rows], "targets", chunk.targets)
+        yield chunk
 
 
 def fit_request(model_id: str, dataset_id: str, *, epochs: int, batch_size: int, shuffle: bool, seed: int,
