@@ -192,15 +192,21 @@ def run_steps(spec, be, params, state, X, y, steps):
         assert correct == rcorrect
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_twenty_optimizer_steps(name, dtype):
-    spec = make_spec(dtype, hidden=((4, "tanh"),), out=(3, "softmax"), optimizer=OPTIMIZERS[name])
+def trained_20_steps(spec):
+    """A CudaBackend after 20 steps on one batch, and the reference's params and optimizer state after the same."""
     X, y = batch(spec, 5)
     params = init_params(spec)
     state = init_state(spec.optimizer, params.size, params.dtype)
     be = CudaBackend(spec, params)
     run_steps(spec, be, params, state, X, y, 20)
+    return be, params, state
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_twenty_optimizer_steps(name, dtype):
+    spec = make_spec(dtype, hidden=((4, "tanh"),), out=(3, "softmax"), optimizer=OPTIMIZERS[name])
+    be, params, state = trained_20_steps(spec)
     close(be.get_params(), params, dtype, "params after 20 steps")
     got = be.get_state()
     assert set(got) == set(state)
@@ -217,11 +223,7 @@ def test_clipping_schedule_dropout_noise_training(dtype):
                      optimizer=OptimizerSpec("adam", lr=0.05),
                      schedule=ScheduleSpec("cosine", t_max=20, eta_min=0.001),
                      regularization=RegularizationSpec(input_noise_std=0.2, clip_grad_norm=0.05))
-    X, y = batch(spec, 5)
-    params = init_params(spec)
-    state = init_state(spec.optimizer, params.size, params.dtype)
-    be = CudaBackend(spec, params)
-    run_steps(spec, be, params, state, X, y, 20)
+    be, params, state = trained_20_steps(spec)
     close(be.get_params(), params, dtype, "params after 20 clipped steps")
 
 
@@ -232,11 +234,7 @@ def test_training_with_every_noise_kind(dtype):
     spec = make_spec(dtype, hidden=(LayerSpec(5, "tanh", dropout=0.2, noise_std=0.2),), out=(2, "identity"),
                      optimizer=OptimizerSpec("adam", lr=0.05),
                      regularization=RegularizationSpec(input_noise_std=0.1, weight_noise_std=0.05, target_noise_std=0.3))
-    X, y = batch(spec, 5)
-    params = init_params(spec)
-    state = init_state(spec.optimizer, params.size, params.dtype)
-    be = CudaBackend(spec, params)
-    run_steps(spec, be, params, state, X, y, 20)
+    be, params, state = trained_20_steps(spec)
     close(be.get_params(), params, dtype, "params after 20 noisy steps")
 
 
