@@ -163,13 +163,13 @@ def test_a_run_gives_the_same_bits_serial_or_parallel_whatever_the_thread_count(
 def test_serial_twins_of_the_train_and_optimizer_kernels_give_the_parallel_bits(threads):
     import numba
     spec = SPECS["softmax-labels-dropout-noise-clip-cosine"]
-    X, y = data(spec, 700)  # several 128-row product blocks and activation row blocks
+    X, y = data(spec, 700)  # several product tiles and activation row blocks
     par, ser = Model(spec), Model(spec)
     par.train_step(X[:64], y[:64])
     ser.train_step(X[:64], y[:64])
     outs = []
     for model, train, opt in ((par, train_kernel, optimizer_kernel),
-                              (ser, epochs.train_kernel_serial, epochs.optimizer_kernel_serial)):
+                              (ser, serial_twin(train_kernel), serial_twin(optimizer_kernel))):
         b = model.backend
         bufs = b._workspace(len(X)).buffers(len(X), b._partials, b._train_tiles)
         settings = TrainSettings(b._out_kind, 0.0, 1.0 / len(X), b._noise_std, np.uint64(12345), 0.0, np.uint64(0))
@@ -191,7 +191,7 @@ def test_serial_twins_of_the_train_and_optimizer_kernels_give_the_parallel_bits(
 
 
 def test_a_serial_twin_is_compiled_without_parallel_from_the_same_code():
-    twin = epochs.train_kernel_serial
+    twin = serial_twin(train_kernel)
     assert twin is serial_twin(train_kernel)  # one per function
     assert twin.py_func.__code__ is train_kernel.py_func.__code__
     assert not twin.targetoptions.get("parallel") and train_kernel.targetoptions["parallel"]
@@ -199,6 +199,9 @@ def test_a_serial_twin_is_compiled_without_parallel_from_the_same_code():
     callee = twin.py_func.__globals__["_forward_layers"]
     assert callee.py_func.__qualname__ == "_forward_layers__serial" and not callee.targetoptions.get("parallel")
     assert serial_twin(epochs._clip) is epochs._clip  # a serial function is its own twin
+    # the run of steps (a serial loop calling parallel kernels) has a twin calling theirs
+    loop = serial_twin(epochs.run_steps_kernel).py_func.__globals__
+    assert loop["train_kernel"] is twin and not loop["optimizer_kernel"].targetoptions.get("parallel")
 
 
 def test_a_run_refuses_rows_outside_the_data_and_batches_outside_the_order():

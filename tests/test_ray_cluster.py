@@ -259,6 +259,19 @@ def test_replicated_model_through_a_frontend(frontends):
         model.delete()
 
 
+def test_data_set_calls_are_refused_under_a_frontend_naming_the_mode(frontends):
+    import grpc
+
+    from gradserve.client import Client
+    with Client(frontends[0], timeout=30, retries=0) as c:
+        for call in (lambda: c.upload_dataset(np.zeros((2, 4)), np.zeros(2, np.int64)),
+                     lambda: c.delete_dataset("ds-" + "0" * 32)):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+            assert "--ray-address" in err.value.details()
+
+
 def test_single_process_server_refuses_replicas_and_imports_no_ray(tmp_path):
     import subprocess
     import sys

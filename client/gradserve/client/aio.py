@@ -15,7 +15,7 @@ from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
 from . import _fit, _wire
 from ._fit import DatasetInfo
 from ._wire import ModelInfo, StepResult
-from .sync import CHUNK_BYTES, RETRYABLE, _Connection, done_by_earlier_attempt, new_model_id, retryable
+from .sync import CHUNK_BYTES, _Connection, done_by_earlier_attempt, new_model_id, retryable
 
 
 class AsyncClient(_Connection):
@@ -28,8 +28,8 @@ class AsyncClient(_Connection):
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return await rpc(request, timeout=self.timeout if timeout is None else timeout,
-                                 metadata=self._metadata)
+                return await rpc(request() if callable(request) else request,
+                                 timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if done_by_earlier_attempt(method, exc, attempt):
                     return None
@@ -77,17 +77,9 @@ class AsyncClient(_Connection):
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                return _fit.dataset_info(await self._stub.UploadDataset(
-                    _fit.dataset_chunks(X, y, self.max_message_bytes, name),
-                    timeout=self.timeout if timeout is None else timeout, metadata=self._metadata))
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-            await asyncio.sleep(delay * (1 + random.random()))
-            delay *= 2
+        # a client stream: its chunks are made afresh for each attempt
+        return _fit.dataset_info(await self._call(
+            "UploadDataset", lambda: _fit.dataset_chunks(X, y, self.max_message_bytes, name), timeout))
 
     async def list_datasets(self) -> list[DatasetInfo]:
         return [_fit.dataset_info(d) for d in (await self._call("ListDatasets", pb.ListDatasetsRequest())).datasets]

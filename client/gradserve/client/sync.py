@@ -121,11 +121,15 @@ class Client(_Connection):
 
     # -- plumbing ---------------------------------------------------------
     def _call(self, method: str, request, timeout: float | None = None):
+        """``method`` with ``request`` (a callable: called for each attempt,
+        e.g. a client stream's iterator), retried with backoff where
+        ``retryable`` allows."""
         rpc = getattr(self._stub, method)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return rpc(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+                return rpc(request() if callable(request) else request,
+                           timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if done_by_earlier_attempt(method, exc, attempt):
                     return None
@@ -182,18 +186,9 @@ class Client(_Connection):
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                return _fit.dataset_info(self._stub.UploadDataset(
-                    _fit.dataset_chunks(X, y, self.max_message_bytes, name),
-                    timeout=self.timeout if timeout is None else timeout,
-                    metadata=self._metadata))
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-            time.sleep(delay * (1 + random.random()))
-            delay *= 2
+        # a client stream: its chunks are made afresh for each attempt
+        return _fit.dataset_info(self._call(
+            "UploadDataset", lambda: _fit.dataset_chunks(X, y, self.max_message_bytes, name), timeout))
 
     def list_datasets(self) -> list[DatasetInfo]:
         return [_fit.dataset_info(d) for d in self._call("ListDatasets", pb.ListDatasetsRequest()).datasets]

@@ -75,6 +75,15 @@ def set_step_keys(table: np.ndarray, spec: ModelSpec, step: int) -> None:
             table[l]["wnoise_key"] = rng.stream_key(spec.seed, step, rng.weight_noise_stream(l))
 
 
+def step_noise_keys(spec: ModelSpec, step: int) -> tuple[int, int]:
+    """(input-noise key, target-noise key) of training step ``step``; 0
+    where that noise is off (TrainSettings' noise_key, target_noise_key)."""
+    reg = spec.regularization
+    noise = rng.stream_key(spec.seed, step, rng.NOISE_STREAM) if reg.input_noise_std > 0 else 0
+    target = rng.stream_key(spec.seed, step, rng.TARGET_NOISE_STREAM) if reg.target_noise_std > 0 else 0
+    return noise, target
+
+
 def state_slots(opt: OptimizerSpec, state: dict, empty) -> tuple:
     """The optimizer's state buffers in the kernels' STATE_SLOTS slots
     (``registry.optimizers`` order); ``empty`` where the spec keeps none."""

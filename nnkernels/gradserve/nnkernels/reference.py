@@ -281,12 +281,6 @@ def dropout_keep_scale(spec: ModelSpec, layer: int, step: int, shape):
     return np.where(u >= p, 1.0 / (1.0 - p), 0.0)
 
 
-def input_noise(spec: ModelSpec, step: int, shape):
-    """std·N, the Gaussian noise added to the inputs in training (float64)."""
-    key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
-    return spec.regularization.input_noise_std * rng.normal_array(key, shape[0] * shape[1]).reshape(shape)
-
-
 def gaussian_noise(spec: ModelSpec, step: int, stream: int, std: float, shape):
     """std·N with N the first prod(shape) normal draws of ``stream`` at
     ``step``, row-major (float64)."""
@@ -326,7 +320,7 @@ def forward(spec: ModelSpec, params, X, *, training=False, step=0):
     ws = layer_weights(spec, params, training=training, step=step)
     h = X.astype(dtype)
     if training and spec.regularization.input_noise_std > 0:
-        h = h + input_noise(spec, step, h.shape).astype(dtype)
+        h = h + gaussian_noise(spec, step, rng.NOISE_STREAM, spec.regularization.input_noise_std, h.shape).astype(dtype)
     cache = {"hs": [h], "zs": [], "as_": [], "masks": [], "ws": ws}
     for i, layer in enumerate(spec.hidden):
         W, b = ws[i], views[i][1]

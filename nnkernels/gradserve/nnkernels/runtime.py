@@ -17,9 +17,11 @@ Imported by ``nnkernels/__init__.py`` before anything imports numba:
   ``np.dot`` calls; NumPy's own copy is untouched) is set to ONE thread, and
   the kernels parallelize the products themselves: a fixed grid of tiles
   (batch rows × output features), one single-threaded BLAS call per tile
-  inside a prange (``cpu.kernels``). Results are then bit-identical whatever the thread count or concurrency. Each call sets the
-  calling thread's Numba thread count (``numba.set_num_threads``): one
-  thread below ``PARALLEL_MIN_ROWS`` rows (measured faster there), else the
+  inside a prange (``cpu.kernels``). Results are then bit-identical
+  whatever the thread count or concurrency. Each call sets the calling
+  thread's Numba thread count (``numba.set_num_threads``): one thread below
+  ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_WORK`` multiply-adds
+  (measured faster there; the backend then runs the serial twins), else the
   budget divided by the kernel calls in flight, so concurrent requests
   never oversubscribe the cores. ``set_thread_budget(n)`` changes the
   budget (default: all of Numba's threads).
@@ -85,7 +87,7 @@ _blas_single = _single_threaded_blas()
 
 def set_thread_budget(n: int) -> None:
     """Threads one kernel call may use (its prange loops, which also run the
-    blocked products), at most
+    tiled products), at most
     ``NUMBA_NUM_THREADS``. Applies to calls made after it, from any thread."""
     global _budget
     if not isinstance(n, int) or n < 1:

@@ -1,5 +1,6 @@
-"""DatasetCatalog: the data sets server-side Fit trains on, kept in the
-SQLite store (raw arrays, no pickle) and in memory once used.
+"""DatasetCatalog: the data sets server-side Fit trains on: a row each in
+the store, their raw bytes (no pickle) in a file beside it
+(``SqliteStore.put_dataset``), mapped read-only once used.
 
 A data set is identified by its content: ``content_hash`` is the sha256 of
 the arrays' dtypes, shapes and little-endian bytes, and ``dataset_id`` is
@@ -94,10 +95,8 @@ class DatasetCatalog:
             y_shape = (sum(len(a) for a in ys), *ys[0].shape[1:])
             info = DatasetInfo(dataset_id, digest, name, time.time(), nbytes, x_shape, xs[0].dtype.name, y_shape,
                                ys[0].dtype.name)
-            if self.store is not None:
+            if self.store is not None:  # mapped from its file on first use (``arrays``)
                 self.store.put_dataset(dataset_id, digest, name, info.created, {"inputs": xs, "targets": ys})
-                arrays = self.store.dataset_arrays(dataset_id)
-                self._arrays[dataset_id] = (arrays["inputs"], arrays["targets"])
             else:
                 self._arrays[dataset_id] = tuple(np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
                                                  for parts in (xs, ys))

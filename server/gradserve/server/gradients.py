@@ -58,13 +58,16 @@ def flat_gradients(model: Model, grads: dict) -> np.ndarray:
     return flat
 
 
-def apply_gradients(model: Model, flat: np.ndarray, loss: float = math.nan) -> StepResult:
-    """One optimizer step on ``flat`` (validated by ``flat_gradients``);
-    the caller serializes training calls on the model (the registry's write lock)."""
+def apply_gradients(model: Model, flat: np.ndarray, loss: float = math.nan, norm: float | None = None) -> StepResult:
+    """One optimizer step on ``flat`` (validated by ``flat_gradients``),
+    clipped by ``norm``: its L2 norm, computed here when not given (a
+    data-parallel step gives the one its reduction summed). The caller
+    serializes training calls on the model (the registry's write lock)."""
     if not model.spec.trainable:
         raise NotTrainableError("every hidden layer is a 'step' unit (zero derivative): nothing can be trained")
-    wide = flat.astype(np.float64)
-    norm = math.sqrt(float(np.dot(wide, wide)))
+    if norm is None:
+        wide = flat.astype(np.float64)
+        norm = math.sqrt(float(np.dot(wide, wide)))
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {model.step + 1} not applied: gradient norm={norm!r}")
     scale = clip_coefficient(norm, model.spec.regularization.clip_grad_norm)

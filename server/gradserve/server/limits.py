@@ -53,8 +53,8 @@ class Limits:
         """A model's worst-case resident bytes: parameters, gradients and
         optimizer state, twice (the live model and the registry's base copy it
         is rebuilt from), plus the workspaces nnkernels keeps once a call of
-        ``max_batch_rows`` rows has run: training's z, a, d, dropout mask and
-        transpose buffers and one forward pair, each activations-per-row ×
+        ``max_batch_rows`` rows has run: training's z, a, d and dropout-or-noise
+        buffers and one forward pair, each activations-per-row ×
         rows, and the noise regularizers' copies (noisy targets per row, W̃
         once). (Dynamic batching runs one forward per model at a time; without
         it, concurrent Predicts on one model each keep one more pair.)"""
@@ -62,7 +62,7 @@ class Limits:
         state = spec.num_params * (2 + OPTIMIZER_SLOTS.get(spec.optimizer.name, 3))
         per_row = sum(spec.layer_sizes[1:])  # activations per row, every layer
         has_dropout = any(layer.dropout > 0 or layer.noise_std > 0 for layer in spec.hidden)  # the h buffer
-        workspace = self.max_batch_rows * (per_row * (4 + has_dropout + 2) + spec.input_size)
+        workspace = self.max_batch_rows * (per_row * (3 + has_dropout + 2) + spec.input_size)
         # --- noise regularizers (issue 12) ---
         reg = spec.regularization
         workspace += self.max_batch_rows * spec.output.units * (reg.target_noise_std > 0)

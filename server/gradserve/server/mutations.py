@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from gradserve.nnkernels import InputError, Model, OptimizerSpec
+from gradserve.nnkernels.model import StepsResult
 from gradserve.nnkernels.registry import state_names
 from gradserve.wire.shuffle import epoch_order
 
@@ -80,11 +81,16 @@ class Mutation:
         return cls(kind, uid, version, step, arrays, meta, len(payload))
 
 
-def batch_digest(X: np.ndarray, y: np.ndarray) -> int:
-    """CRC-32C of a batch (shapes, dtypes and bytes): tells a retried TrainStep
-    from a different batch sent with the same expected step."""
-    layout, buffers = pack_arrays({"inputs": X, "targets": y})
+def arrays_digest(arrays: dict) -> int:
+    """CRC-32C of named arrays (names, shapes, dtypes and bytes)."""
+    layout, buffers = pack_arrays(arrays)
     return checksum([json.dumps(layout).encode(), *buffers])
+
+
+def batch_digest(X: np.ndarray, y: np.ndarray) -> int:
+    """CRC-32C of a batch: tells a retried TrainStep from a different batch
+    sent with the same expected step."""
+    return arrays_digest({"inputs": X, "targets": y})
 
 
 def _train_step(model: Model, m: Mutation):
@@ -95,21 +101,11 @@ def _set_weights(model: Model, m: Mutation):
     model.set_weights(dict(m.arrays))
 
 
-@dataclass
-class FitStepsResult:
-    """What a FIT_STEPS record did: a StepResult and the rows of each step
-    applied, and the error that stopped it early (a non-finite loss or
-    gradient: that step and the rest of the run were not applied)."""
-    results: list
-    rows: list
-    error: Exception | None = None
-
-
 # an epoch's order serves all its runs (a permutation of 60,000 rows costs ~1 ms); read only
 _epoch_order = functools.lru_cache(maxsize=8)(epoch_order)
 
 
-def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
+def _fit_steps(model: Model, m: Mutation) -> StepsResult:
     """Steps ``first .. first + steps - 1`` of epoch ``epoch`` (0-based) of
     the schedule in ``gradserve.wire.shuffle``, in one ``Model.train_steps``
     call (one compiled loop on the CPU): each step is exactly a TrainStep
@@ -120,8 +116,7 @@ def _fit_steps(model: Model, m: Mutation) -> FitStepsResult:
     X, y = m.source
     f = m.fields
     order = _epoch_order(f["seed"], f["epoch"], len(X), f["shuffle"])
-    r = model.train_steps(X, y, order, f["batch_size"], f["first"], f["steps"])
-    return FitStepsResult(r.results, r.rows, r.error)
+    return model.train_steps(X, y, order, f["batch_size"], f["first"], f["steps"])
 
 
 # -- optimizer hyper-parameters and checkpoints ---------------------------------
@@ -155,7 +150,7 @@ def changed_optimizer(current: OptimizerSpec, changes: dict) -> OptimizerSpec:
 def with_optimizer(model: Model, optimizer: OptimizerSpec) -> Model:
     """A new Model on ``model``'s spec with ``optimizer``, holding the same
     parameters, optimizer state and step."""
-    return Model(dataclasses.replace(model.spec, optimizer=optimizer), model.state_dict())
+    return type(model)(dataclasses.replace(model.spec, optimizer=optimizer), model.state_dict())
 
 
 def _set_optimizer(model: Model, m: Mutation):
@@ -168,7 +163,7 @@ def _restore_checkpoint(model: Model, m: Mutation):
     and the schedule is a function of the step, so it goes on from here)."""
     state = dict(m.arrays)
     state["step"] = np.array(model.step, dtype=np.int64)
-    return Model(dataclasses.replace(model.spec, optimizer=OptimizerSpec(**m.fields["optimizer"])), state)
+    return type(model)(dataclasses.replace(model.spec, optimizer=OptimizerSpec(**m.fields["optimizer"])), state)
 
 
 # kind -> (name, apply(model, mutation) -> result, or a new Model that replaces it)

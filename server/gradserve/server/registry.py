@@ -236,8 +236,12 @@ class ModelHandle:
 class ModelRegistry:
     def __init__(self, store: SqliteStore | None, *, limits: Limits = Limits(),
                  durability: Durability = Durability(), default_device: str = "cpu",
-                 log_dir: str | Path | None = None):
+                 log_dir: str | Path | None = None, model_class: type[Model] = Model):
+        """``model_class``: what models are built as; data-parallel replicas
+        (spec.replicas > 1) need one that trains them (a Ray owner actor's
+        ``cluster.owner.ReplicatedModel``), else they are refused."""
         self.store = store
+        self.model_class = model_class
         self.limits = limits
         self.durability = durability
         self.default_device = default_device
@@ -253,9 +257,6 @@ class ModelRegistry:
             WriteAheadLog(self.log_dir, segment_bytes=int(durability.segment_mb * (1 << 20)))
             if durability.mode == "step" else None)
         self._models: dict[str, ModelHandle] = {}
-        # data-parallel replicas (spec.replicas > 1) are trained only by a Ray
-        # owner actor (gradserve.server.cluster.owner), which sets this
-        self.replicas_allowed = False
         self._lock = threading.Lock()  # guards _models and _datasets_in_use
         self.datasets = DatasetCatalog(store, limits)
         self._datasets_in_use: dict[str, int] = {}  # data set id -> Fit calls training on it
@@ -351,7 +352,7 @@ class ModelRegistry:
                 snap_spec = spec
                 if "optimizer" in extra:  # hyper-parameters changed by SetOptimizer
                     snap_spec = dataclasses.replace(spec, optimizer=OptimizerSpec(**extra["optimizer"]))
-                model = Model(snap_spec, state)
+                model = self.model_class(snap_spec, state)
             except DeviceUnavailableError as exc:  # an older snapshot would not help
                 handle.load_error = str(exc)
                 return handle
@@ -550,7 +551,7 @@ class ModelRegistry:
         spec_dict.setdefault("device", self.default_device)
         spec = ModelSpec.from_dict(spec_dict)
         self.limits.check_spec(spec)
-        if spec.replicas > 1 and not self.replicas_allowed:
+        if spec.replicas > 1 and self.model_class is Model:
             raise ModelUnavailable(f"spec.replicas={spec.replicas}: data-parallel replicas need a server started "
                                    "with --ray-address")
         if model_id:
@@ -562,7 +563,7 @@ class ModelRegistry:
                 if existing.spec != spec:
                     raise ModelExists(f"model_id={model_id!r} exists with a different spec")
                 return existing, False
-        model = Model(spec)
+        model = self.model_class(spec)
         bad = model.nonfinite_state()
         if bad:
             raise StateOverflow(f"spec: the initial {' and '.join(bad)} are not finite (an initializer's values "
@@ -635,7 +636,7 @@ class ModelRegistry:
     def _rebuild(self, handle: ModelHandle) -> None:
         """Puts the model back at its current version: the in-memory base plus
         the mutations applied since, replayed through the same kernels."""
-        model = Model(handle.base_spec, handle.base_state)
+        model = self.model_class(handle.base_spec, handle.base_state)
         for a in handle.applied:
             model, _ = mutations.apply(model, a.mutation)
         handle.model = model
@@ -705,10 +706,10 @@ class ModelRegistry:
         commit.wait()
 
     # -- server-side Fit (data sets) -----------------------------------------------------
-    def fit_steps(self, handle: ModelHandle, source: tuple, **fields) -> tuple["mutations.FitStepsResult", Commit]:
+    def fit_steps(self, handle: ModelHandle, source: tuple, **fields) -> tuple["mutations.StepsResult", Commit]:
         """Applies a run of a Fit's steps (``mutations.fit_steps``) as one
         logged mutation, under the write lock taken once for the run; returns
-        (FitStepsResult, Commit)."""
+        (StepsResult: what Model.train_steps did, Commit)."""
         return self._mutate(handle, lambda uid, version, step: mutations.fit_steps(uid, version, step, source,
                                                                                   **fields))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .wal import checksum, pack_arrays, unpack_arrays
+from .wal import checksum, fsync_dir, pack_arrays, unpack_arrays
 
 KEEP_SNAPSHOTS = 2
 SCHEMA_VERSION = 3
@@ -305,7 +305,7 @@ class SqliteStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         nbytes = sum(len(b) for b in buffers)
         self._transaction([("INSERT OR IGNORE INTO datasets (id, content_hash, name, created, nbytes, meta, data) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -343,12 +343,3 @@ class SqliteStore:
         for f in folder.iterdir():
             if f.name not in known:
                 f.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -89,6 +89,15 @@ def unpack_arrays(layout: list, data, offset: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
+def fsync_dir(folder) -> None:
+    """Makes a file's creation or rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def checksum(parts) -> int:
     value = 0
     for part in parts:
@@ -270,11 +279,7 @@ class WriteAheadLog:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._fd_segment = pending.segment
             if self.fsync:  # the new file's name must survive a crash too
-                dir_fd = os.open(self.directory, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                fsync_dir(self.directory)
         parts = pending.parts
         for i in range(0, len(parts), IOV_MAX):
             chunk = parts[i:i + IOV_MAX]

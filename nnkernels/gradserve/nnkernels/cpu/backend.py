@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import rng, runtime
+from .. import runtime
 from ..backend import Backend
 from ..finite import all_finite
-from ..kernel_args import coefficient_dtype, layer_table, optimizer_coefficients, set_step_keys, state_slots
+from ..kernel_args import (
+    coefficient_dtype,
+    layer_table,
+    optimizer_coefficients,
+    set_step_keys,
+    state_slots,
+    step_noise_keys,
+)
 from ..params import ParamLayout
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
@@ -32,21 +39,19 @@ class _TrainWorkspace:
     """Buffers for one training batch size (capacity ``rows``); reused by
     every step with at most that many rows."""
 
-    def __init__(self, spec: ModelSpec, rows: int, dtype):
+    def __init__(self, spec: ModelSpec, rows: int, dtype, wn: np.ndarray):
         sizes = spec.layer_sizes
         per_row = sum(sizes[1:])
         self.rows = rows
         self.z = np.empty(rows * per_row, dtype)
         self.a = np.empty(rows * per_row, dtype)
         self.d = np.empty(rows * per_row, dtype)
-        self.dt = np.empty(0, dtype)  # unused: the tiled products read D in place (TrainBuffers keeps the field)
         has_dropout = any(l.dropout > 0 or l.noise_std > 0 for l in spec.hidden)  # h: dropped-out and/or noisy
         self.h = np.empty(rows * per_row if has_dropout else 0, dtype)
         self.xin = np.empty(rows * sizes[0] if spec.regularization.input_noise_std > 0 else 0, dtype)
-        # --- noise regularizers (issue 12): W̃ (one per model, any batch size) and ỹ ---
-        reg = spec.regularization
-        self.wn = np.empty(spec.num_params if reg.weight_noise_std > 0 else 0, dtype)
-        self.yn = np.empty(rows * sizes[-1] if reg.target_noise_std > 0 else 0, dtype)
+        # --- noise regularizers (issue 12): W̃ (the model's, any batch size) and ỹ ---
+        self.wn = wn
+        self.yn = np.empty(rows * sizes[-1] if spec.regularization.target_noise_std > 0 else 0, dtype)
         self.rowloss = np.empty(rows, np.float64)
         self.rowcorrect = np.empty(rows, np.int64)
         self._views: tuple[int, TrainBuffers] | None = None
@@ -60,7 +65,7 @@ class _TrainWorkspace:
             outputs = self.yn.shape[0] // self.rows
             self._views = (n, TrainBuffers(
                 xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
-                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m], dt=self.dt,
+                z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m],
                 rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials, tiles=tiles,
                 wn=self.wn, yn=self.yn[:n * outputs].reshape(n if outputs else 0, outputs)))
         return self._views[1]
@@ -104,6 +109,8 @@ class CpuBackend(Backend):
         self._target_noise_std = float(spec.regularization.target_noise_std)
         self._partials = np.empty(max(1, -(-self.layout.size // NORM_BLOCK)), np.float64)
         self._train_ws: _TrainWorkspace | None = None
+        # weight noise's W̃: sized by the parameters, so one per model whatever the batch size
+        self._wn = np.empty(self.layout.size if spec.regularization.weight_noise_std > 0 else 0, self.dtype)
         self._no_labels = np.empty(0, np.int64)
         self._no_targets = np.empty((0, spec.output.units), self.dtype)
         self._free_forward: list[_ForwardSlot] = []  # forward buffers not in use
@@ -147,27 +154,33 @@ class CpuBackend(Backend):
         return out
 
     # -- training -----------------------------------------------------------
+    def _train_threads(self, n: int):
+        """``runtime.kernel_threads`` for a training call on n rows (forward and backward: 3 products)."""
+        return runtime.kernel_threads(n, 3 * n * self._macs)
+
+    def _per_parameter_threads(self):
+        """``runtime.kernel_threads`` for a pass over the parameters (optimizer, W̃): 2048 of them count as a row."""
+        return runtime.kernel_threads(self.params.shape[0] // 2048)
+
     def _workspace(self, n: int) -> _TrainWorkspace:
         ws = self._train_ws
         if ws is None or ws.rows < n:
-            ws = self._train_ws = _TrainWorkspace(self.spec, n, self.dtype)
+            ws = self._train_ws = _TrainWorkspace(self.spec, n, self.dtype, self._wn)
         return ws
 
     def loss_and_grads(self, X, y, step):
         n = X.shape[0]
         spec = self.spec
         set_step_keys(self.layers, spec, step)  # dropout, hidden-input and weight noise
-        noise_key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM) if self._noise_std > 0 else 0
-        tstd = self._target_noise_std
-        target_key = rng.stream_key(spec.seed, step, rng.TARGET_NOISE_STREAM) if tstd > 0 else 0
+        noise_key, target_key = step_noise_keys(spec, step)
         settings = TrainSettings(self._out_kind, self._smoothing, 1.0 / spec.output.counted(n), self._noise_std,
-                                 np.uint64(noise_key), tstd, np.uint64(target_key))
+                                 np.uint64(noise_key), self._target_noise_std, np.uint64(target_key))
         targets = Targets(y, self._no_targets) if y.ndim == 1 else Targets(self._no_labels, y)
         bufs = self._workspace(n).buffers(n, self._partials, self._train_tiles)
         if bufs.wn.shape[0] > 0:  # weight noise: this step's W̃, threads by parameter count as the optimizer
-            with runtime.kernel_threads(self.params.shape[0] // 2048) as k:
+            with self._per_parameter_threads() as k:
                 for_threads(perturb_weights_kernel, k)(self.params, self.layers, bufs.wn)
-        with runtime.kernel_threads(n, 3 * n * self._macs) as k:
+        with self._train_threads(n) as k:
             loss, correct, sq = for_threads(train_kernel, k)(X, targets, self.params, self.grads, self.layers,
                                                              settings, bufs)
         return float(loss), int(correct), float(sq)
@@ -175,7 +188,7 @@ class CpuBackend(Backend):
     def step(self, lr, t, grad_scale):
         # computed in float64 as torch does with Python floats, then cast to the parameter dtype
         self._coef[0] = optimizer_coefficients(self.spec.optimizer, lr, t, grad_scale)
-        with runtime.kernel_threads(self.params.shape[0] // 2048) as k:
+        with self._per_parameter_threads() as k:
             for_threads(optimizer_kernel, k)(self.params, self.grads, self._slots, self._opt_code, self._coef)
 
     def train_steps(self, X, y, order, first, steps, batch_size, step):

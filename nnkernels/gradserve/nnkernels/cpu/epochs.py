@@ -18,8 +18,8 @@ parameters, optimizer state and step count are those of the last finite
 step), as ``Model.train_step`` refuses it.
 
 Where the run gets one thread (``runtime.threads_for``: small batches) the
-run calls the kernels' serial twins (``cpu.twins``): same bits, no parallel
-launches. Numba's on-disk cache keys a caller by its own file only, and a
+loop's serial twin runs (``cpu.twins.for_threads``), which calls the
+kernels' twins: same bits, no parallel launches. Numba's on-disk cache keys a caller by its own file only, and a
 compiled caller holds a copy of its callees' code, so the loop's closure
 carries a digest of the kernel sources it calls: an edit of them compiles
 the loop afresh instead of running stale kernels.
@@ -33,16 +33,12 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from .. import rng, runtime
-from ..kernel_args import optimizer_coefficients, set_step_keys
+from ..kernel_args import optimizer_coefficients, set_step_keys, step_noise_keys
 from ..registry import clip_coefficient, scheduled_lr
 from .kernels import Targets, TrainBuffers, TrainSettings, perturb_weights_kernel, train_kernel
 from .optimizer import optimizer_kernel
-from .twins import serial_twin
+from .twins import for_threads
 
-train_kernel_serial = serial_twin(train_kernel)
-optimizer_kernel_serial = serial_twin(optimizer_kernel)
-perturb_weights_kernel_serial = serial_twin(perturb_weights_kernel)
 _clip = njit(inline="always", nogil=True, cache=True)(clip_coefficient)
 
 
@@ -59,7 +55,7 @@ def _sources_digest() -> str:
 def _make_run_kernel(sources: str):
     def run_steps_kernel(X, labels, values, order, first, steps, batch_size, params, grads, state, step_layers,
                          opt_code, coefs, noise_keys, target_keys, max_norm, out_kind, smoothing, counted_per_row,
-                         noise_std, target_noise_std, serial, xb, lb, vb, ws, out):
+                         noise_std, target_noise_std, xb, lb, vb, ws, out):
         """Steps ``first .. first + steps - 1`` of the epoch in ``order`` (see
         the module docstring). ``labels`` (int, rows) or ``values`` (rows ×
         units) holds the targets, the other is empty; ``xb``/``lb``/``vb``
@@ -106,17 +102,11 @@ def _make_run_kernel(sources: str):
                                      noise_keys[s] if with_noise else np.uint64(0), target_noise_std,
                                      target_keys[s] if with_target_noise else np.uint64(0))
             m = n * per_row
-            bufs = TrainBuffers(ws.xin[:n], ws.z[:m], ws.a[:m], ws.h[:m], ws.d[:m], ws.dt, ws.rowloss[:n],
+            bufs = TrainBuffers(ws.xin[:n], ws.z[:m], ws.a[:m], ws.h[:m], ws.d[:m], ws.rowloss[:n],
                                 ws.rowcorrect[:n], ws.partials, ws.tiles, ws.wn, ws.yn[:n])
             if ws.wn.shape[0] > 0:
-                if serial:
-                    perturb_weights_kernel_serial(params, layers, ws.wn)
-                else:
-                    perturb_weights_kernel(params, layers, ws.wn)
-            if serial:
-                loss, correct, sq = train_kernel_serial(xv, targets, params, grads, layers, settings, bufs)
-            else:
-                loss, correct, sq = train_kernel(xv, targets, params, grads, layers, settings, bufs)
+                perturb_weights_kernel(params, layers, ws.wn)
+            loss, correct, sq = train_kernel(xv, targets, params, grads, layers, settings, bufs)
             out[s, 0] = loss
             out[s, 1] = correct
             out[s, 2] = sq
@@ -125,10 +115,7 @@ def _make_run_kernel(sources: str):
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 return s
             coefs[s].grad_scale = _clip(norm, max_norm)
-            if serial:
-                optimizer_kernel_serial(params, grads, state, opt_code, coefs[s:s + 1])
-            else:
-                optimizer_kernel(params, grads, state, opt_code, coefs[s:s + 1])
+            optimizer_kernel(params, grads, state, opt_code, coefs[s:s + 1])
         return steps
 
     run_steps_kernel.__qualname__ = "run_steps_kernel"
@@ -156,14 +143,8 @@ def run_steps(backend, X, y, order, first: int, steps: int, batch_size: int, ste
     step_layers = np.repeat(backend.layers[None, :], steps, axis=0)  # each step's keys, as train_step sets them
     for s in range(steps):
         set_step_keys(step_layers[s], spec, step + s)
-    noise_std = backend._noise_std
-    noise_keys = np.zeros(steps, np.uint64)
-    if noise_std > 0:
-        noise_keys[:] = [rng.stream_key(spec.seed, step + s, rng.NOISE_STREAM) for s in range(steps)]
-    target_noise_std = backend._target_noise_std
-    target_keys = np.zeros(steps, np.uint64)
-    if target_noise_std > 0:
-        target_keys[:] = [rng.stream_key(spec.seed, step + s, rng.TARGET_NOISE_STREAM) for s in range(steps)]
+    keys = np.array([step_noise_keys(spec, step + s) for s in range(steps)], np.uint64).reshape(steps, 2)
+    noise_keys, target_keys = keys[:, 0].copy(), keys[:, 1].copy()
     units = spec.output.units
     labels = y if y.ndim == 1 else backend._no_labels
     values = y if y.ndim == 2 else np.empty((0, units), dtype)
@@ -172,10 +153,10 @@ def run_steps(backend, X, y, order, first: int, steps: int, batch_size: int, ste
     lb = np.empty(batch_size, np.int64)
     vb = np.empty(batch_size * units, dtype)
     out = np.zeros((steps, 4), np.float64)
-    with runtime.kernel_threads(batch_size, 3 * batch_size * backend._macs) as k:
-        done = run_steps_kernel(X, labels, values, order, first, steps, batch_size, backend.params, backend.grads,
-                                backend._slots, step_layers, backend._opt_code, coefs, noise_keys, target_keys,
-                                float(spec.regularization.clip_grad_norm), backend._out_kind, backend._smoothing,
-                                float(spec.output.counted(1)), noise_std, target_noise_std, k == 1, xb, lb, vb, ws,
-                                out)
+    with backend._train_threads(batch_size) as k:
+        done = for_threads(run_steps_kernel, k)(
+            X, labels, values, order, first, steps, batch_size, backend.params, backend.grads, backend._slots,
+            step_layers, backend._opt_code, coefs, noise_keys, target_keys, float(spec.regularization.clip_grad_norm),
+            backend._out_kind, backend._smoothing, float(spec.output.counted(1)), backend._noise_std,
+            backend._target_noise_std, xb, lb, vb, ws, out)
     return int(done), out

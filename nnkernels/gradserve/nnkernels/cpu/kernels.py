@@ -56,8 +56,11 @@ Design rules:
 
 Noise regularizers while training (draws: ``nnkernels.rng``; N_k is the
 normal draw number k of the named stream, added after a cast to the
-parameter dtype, as the reference does):
-- input noise: X̃[r, c] = X[r, c] + std·N_{r·inputs+c} (NOISE_STREAM);
+parameter dtype, as the reference does, except the input noise):
+- input noise: X̃[r, c] = X[r, c] + std·N_{r·inputs+c} (NOISE_STREAM), the
+  sum in float64 rounded once to the dtype (as it has been since input
+  noise exists: stored trajectories keep their bits; the reference and
+  CUDA add std·N cast first, so float32 may differ from them by an ulp);
 - hidden-input noise (``layer.noise_std``): the next layer's input is
   h̃[r, c] = h[r, c] + std·N_{r·units+c} (hidden_noise_stream(i)), h the
   dropped-out activation; Keras ``GaussianNoise(std)`` after the layer.
@@ -146,8 +149,8 @@ class TrainBuffers(NamedTuple):
     """Workspaces of one training call on n rows. ``z``, ``a``, ``h``
     (dropped-out and/or noisy activations, only where a layer has dropout or
     hidden-input noise) and ``d`` (dL/dz) hold every layer's n × units
-    block, laid out by the layer table's unit_offset; ``dt`` is unused
-    (empty: the tiled products read D in place, with BLAS's transpose flag);
+    block, laid out by the layer table's unit_offset (the tiled products
+    read D in place, with BLAS's transpose flag: no transposed copy);
     ``xin`` (n × inputs) the noisy input when noise is on; ``rowloss``/
     ``rowcorrect`` per-row partials; ``partials`` the squared-norm partial
     sums (NORM_BLOCK elements each); ``tiles`` (layers × 3, int64) each
@@ -160,7 +163,6 @@ class TrainBuffers(NamedTuple):
     a: np.ndarray
     h: np.ndarray
     d: np.ndarray
-    dt: np.ndarray
     rowloss: np.ndarray
     rowcorrect: np.ndarray
     partials: np.ndarray
@@ -532,8 +534,7 @@ def perturb_weights_kernel(params, layers, out):
 @njit(**_JIT)
 def _backprop_rows(Dp, Zp, Ap, code, p, drop_p, key, r0, r1):
     """Rows r0..r1 of the layer below's dL/dz from dL/d(its output) in Dp:
-    times its dropout mask·1/(1-p), times f'(z); written to Dp and, as
-    in place."""
+    times its dropout mask·1/(1-p), times f'(z); written to Dp in place."""
     u = Dp.shape[1]
     scale = 1.0 / (1.0 - drop_p)
     for i in range(r0, r1):

@@ -4,10 +4,10 @@ Python source, for work too small to pay for parallel launches.
 Every ``prange`` loop of a parallel kernel is a parallel region: a launch
 through the threading layer even at one thread (a batch-32 train step of a
 64-128-64-10 net launches about 18: ~97 us a step at one thread against
-~70 us for its twin, measured). Compiled without ``parallel``, ``prange`` is a plain ``range``:
-the twin runs the same iterations, over the same fixed partition (BLOCK
-slices of the products, row blocks, NORM_BLOCK partial sums summed in
-order), in order, so it gives the same bits as the parallel kernel at any
+~70 us for its twin, measured). Compiled without ``parallel``, ``prange``
+is a plain ``range``: the twin runs the same iterations, over the same
+fixed partition (the products' tiles, row blocks, NORM_BLOCK partial sums
+summed in order), in order, so it gives the same bits as the parallel kernel at any
 thread count (``tests/test_epochs.py`` shows it). Numba compiles prange
 bodies with ``error_model="numpy"`` (a float division by zero gives Inf or
 NaN, checked by nothing); the twin is compiled so throughout, which also

@@ -33,7 +33,6 @@ from gradserve.nnkernels import ModelSpec
 from ..limits import LimitExceeded, Limits
 from ..registry import MODEL_ID, ModelNotFound, ModelUnavailable
 from ..tenants import visible_to
-from ..wal import DURABLE
 from .errors import OwnerLost, OwnerRestarting
 from .owner import NAMESPACE, ModelOwner, actor_name, raise_refusal
 from .runtime import actor_env
@@ -117,7 +116,6 @@ class ClusterRegistry:
         self.checksum_steps = checksum_steps
         self.call_timeout_s = call_timeout_s
         self.datasets = _NoDatasets()
-        self.replicas_allowed = True
 
     # -- lifecycle (owners live on their own) ------------------------------------------------
     def stats(self) -> dict:
@@ -226,15 +224,14 @@ class ClusterRegistry:
         return self._forward(handle, "describe", (listing,))
 
     def train_step(self, handle: ClusterHandle, X, y, expected_step: int | None = None):
-        result, _ = self._forward(handle, "train_step", (X, y, expected_step), safe=expected_step is not None)
-        return result, DURABLE
+        # retry-safe with an expected step: a repeat is answered from the owner's replies
+        return self._forward(handle, "train_step", (X, y, expected_step), safe=expected_step is not None)
 
     def _forward(self, handle: ClusterHandle, method: str, args: tuple, safe: bool | None = None):
-        result = self._owner_call(handle, "call", (method, None, args), safe=method in READS if safe is None else safe)
-        if isinstance(result, tuple) and result and result[-1] is None and method in (
-                "apply_gradients", "optimizer_step", "fit_steps"):
-            result = (*result[:-1], DURABLE)
-        return result
+        return self._owner_call(handle, "call", (method, None, args), safe=method in READS if safe is None else safe)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.datasets.delete(dataset_id)  # refused: no data sets here
 
     def __getattr__(self, method: str):
         if method not in FORWARDED:

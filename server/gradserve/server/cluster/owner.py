@@ -39,12 +39,10 @@ import ray
 from gradserve.nnkernels import Model
 from gradserve.nnkernels.spec import ModelSpec
 
-from .. import mutations as mutations_module
-from .. import registry as registry_module
 from ..limits import Limits
 from ..registry import Durability, ModelRegistry
 from ..store import SqliteStore
-from ..wal import Commit
+from ..wal import DURABLE, Commit
 from .replicas import DataParallelGroup, check_parallel_spec
 from .runtime import configure_actor
 
@@ -136,9 +134,6 @@ class ModelOwner:
         self.model_id = model_id
         self.runtime = configure_actor(cpus)
         self.runtime["restarted"] = ray.get_runtime_context().was_current_actor_reconstructed
-        # this process serves one model: its registry builds ReplicatedModels
-        registry_module.Model = ReplicatedModel
-        mutations_module.Model = ReplicatedModel
         configure_process(replica_cpus=replica_cpus, checksum_steps=checksum_steps, label=model_id)
         dur = Durability(**durability)
         self.directory = os.path.join(store_root, model_id)
@@ -147,8 +142,8 @@ class ModelOwner:
             os.makedirs(self.directory, exist_ok=True)
             store = SqliteStore(os.path.join(self.directory, "model.db"),
                                 synchronous=sqlite_sync or ("FULL" if dur.mode == "step" else "NORMAL"))
-        self.registry = ModelRegistry(store, limits=Limits(**limits), durability=dur, default_device=default_device)
-        self.registry.replicas_allowed = True
+        self.registry = ModelRegistry(store, limits=Limits(**limits), durability=dur, default_device=default_device,
+                                      model_class=ReplicatedModel)
         loaded = self.registry.load_stored()
         self.registry.start_checkpointer()
         for handle in self.registry.handles():
@@ -185,13 +180,14 @@ class ModelOwner:
 
     def call(self, method: str, tenant: str | None, args: tuple) -> tuple:
         """``registry.<method>(handle, *args)`` on the model; a Commit in the
-        result is waited for (the reply follows durability) and dropped."""
+        result is waited for (the reply follows durability) and travels back
+        as ``DURABLE``."""
         def run():
             handle = self.registry.get(self.model_id, tenant)
             result = getattr(self.registry, method)(handle, *args)
             if isinstance(result, tuple) and result and isinstance(result[-1], Commit):
                 result[-1].wait()
-                result = (*result[:-1], None)
+                result = (*result[:-1], DURABLE)
             return result
         return self._guard(run)
 

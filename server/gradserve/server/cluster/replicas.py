@@ -31,9 +31,10 @@ on one process:
 
 Loss: Σ w_i loss_i (each loss_i a float64 mean); accuracy: Σ correct_i / c.
 In float64 the result matches the single process to rounding (summation
-order within the products differs: within 1e-12 relative); dropout and input
-noise draw per element index within a batch, so a spec using them is
-refused here (its shards would draw other masks than the full batch).
+order within the products differs: within 1e-12 relative); dropout and
+input, hidden-input and target noise draw per element index within a batch,
+so a spec using them is refused here (its shards would draw other values
+than the full batch); weight noise draws per weight and is allowed.
 
 Why this reduction: Ray's object store is the data plane the brief asks
 for, and reduce-scatter + all-gather through it keeps every process's
@@ -58,15 +59,15 @@ import math
 import threading
 import time
 
-import crc32c
 import numpy as np
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gradserve.nnkernels import Model, ModelSpec, NonFiniteError, NotTrainableError, StepResult
-from gradserve.nnkernels.registry import clip_coefficient, scheduled_lr
+from gradserve.nnkernels import Model, ModelSpec, NonFiniteError, StepResult
 
+from ..gradients import apply_gradients
+from ..mutations import arrays_digest
 from ..registry import ModelUnavailable
 from .runtime import actor_env, configure_actor, kernel_cache_stats
 
@@ -82,12 +83,8 @@ def row_bounds(n: int, shards: int) -> list[tuple[int, int]]:
 
 
 def state_checksum(model: Model) -> int:
-    """CRC-32C of the parameters, every optimizer state buffer (by name) and the step."""
-    value = crc32c.crc32c(np.int64(model.step).tobytes())
-    for name, buf in sorted(model.state_dict().items()):
-        value = crc32c.crc32c(name.encode(), value)
-        value = crc32c.crc32c(np.ascontiguousarray(buf).tobytes(), value)
-    return value
+    """CRC-32C of the parameters, every optimizer state buffer and the step (``state_dict``)."""
+    return arrays_digest(model.state_dict())
 
 
 def check_parallel_spec(spec: ModelSpec) -> None:
@@ -102,14 +99,6 @@ def check_parallel_spec(spec: ModelSpec) -> None:
         raise SpecError("replicas", spec.replicas, "dropout and input, hidden-input and target noise draw per "
                                                    "element of a batch, so shards would draw other values than "
                                                    "the whole batch: use replicas=1")
-
-
-def apply_update(model: Model, flat: np.ndarray, lr: float, t: int, scale: float) -> None:
-    """The update half of ``Model.train_step``: gradient buffer ← ``flat``,
-    then one optimizer step at 1-based step ``t``."""
-    model.backend.set_grads(flat)
-    model.backend.step(lr, t, scale)
-    model.step = t
 
 
 @ray.remote
@@ -157,9 +146,8 @@ class Replica:
         wide = out.astype(np.float64)
         return out, float(np.dot(wide, wide))
 
-    def apply(self, lr: float, t: int, scale: float, *slices) -> int:
-        apply_update(self.model, np.concatenate(slices) if len(slices) > 1 else slices[0], lr, t, scale)
-        return t
+    def apply(self, norm: float, *slices) -> int:
+        return apply_gradients(self.model, np.concatenate(slices) if len(slices) > 1 else slices[0], norm=norm).step
 
     def perturb(self, value: float) -> None:
         """Test hook: moves one parameter, so the checksum sees a divergence."""
@@ -250,8 +238,6 @@ class DataParallelGroup:
         """One data-parallel optimizer step of ``model`` on (X, y), already
         validated (``Model._inputs``/``_targets``); raises NonFiniteError,
         model unchanged, when the loss or gradient is not finite."""
-        if not model.spec.trainable:
-            raise NotTrainableError("every hidden layer is a 'step' unit (zero derivative): nothing can be trained")
         with self._lock:
             if self._synced != (id(model), model.step, getattr(model, "mutations", 0)):
                 self.push(model)
@@ -279,14 +265,12 @@ class DataParallelGroup:
                 correct += correct_i
             sq = stats[0][2] if self.n == 1 else math.fsum(sqs)
             norm = math.sqrt(sq) if sq >= 0 else float("nan")
+            # checked before any copy applies it: all of them step, or none
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise NonFiniteError(f"step {model.step + 1} not applied: loss={loss!r}, gradient norm={norm!r}")
-            scale = clip_coefficient(norm, model.spec.regularization.clip_grad_norm)
-            lr = scheduled_lr(model.spec.schedule, model.spec.optimizer.lr, model.step)
-            t = model.step + 1
-            applied = [r.apply.remote(lr, t, scale, *slice_refs) for r in self.replicas]
+            applied = [r.apply.remote(norm, *slice_refs) for r in self.replicas]
             slices = ray.get(slice_refs)
-            apply_update(model, np.concatenate(slices) if len(slices) > 1 else slices[0], lr, t, scale)
+            result = apply_gradients(model, np.concatenate(slices) if len(slices) > 1 else slices[0], loss, norm)
             ray.get(applied)
             self._mark(model)
             t2 = time.perf_counter()
@@ -297,4 +281,4 @@ class DataParallelGroup:
             self.steps += 1
             if self.steps % self.checksum_steps == 0:
                 self.verify(model)
-        return StepResult(model.step, loss, model._accuracy(correct, n), norm, lr)
+        return StepResult(model.step, loss, model._accuracy(correct, n), norm, result.lr)
