@@ -181,3 +181,41 @@ def test_small_batches_of_big_networks_run_parallel():
     assert runtime.threads_for(1, 1, runtime.PARALLEL_MIN_WORK - 1) == 1
     assert runtime.threads_for(1, 1, runtime.PARALLEL_MIN_WORK) == runtime.thread_budget()
     assert runtime.threads_for(1, 2, runtime.PARALLEL_MIN_WORK) == max(1, runtime.thread_budget() // 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_sums_are_the_float64_sums_with_the_same_bits_serial_or_parallel(dtype):
+    """The two reductions the train kernel makes beside the products: the
+    bias gradients (column sums of D, COLSUM_COLS columns a task) are the
+    float64 sums over the rows in order, cast once, exactly; the squared
+    norm (NORM_BLOCK blocks, each a vectorized float64 sum) equals Σ g² to
+    rounding. Both have the same bits on the serial twin and at every
+    thread count; 41,280 parameters are three norm blocks, and 300 units
+    make five column tasks, the last one short."""
+    m = Model(spec((64, 300, 70, 10), dtype))
+    X = np.random.default_rng(2).standard_normal((200, 64))
+    y = np.random.default_rng(3).integers(0, 10, 200)
+    runs = []
+    for k in THREADS:
+        nnkernels.set_thread_budget(k)  # 1: the serial twin
+        try:
+            loss, _, sq = m.backend.loss_and_grads(m._inputs(X), y, 0)
+        finally:
+            nnkernels.set_thread_budget(numba.config.NUMBA_NUM_THREADS)
+        runs.append((loss, sq, m.backend.get_grads()))
+    for loss, sq, g in runs[1:]:
+        assert (loss, sq) == runs[0][:2]
+        np.testing.assert_array_equal(g, runs[0][2])
+    _, sq, g = runs[0]
+    wide = g.astype(np.float64)
+    assert sq == pytest.approx(float(np.dot(wide, wide)), rel=1e-12)
+    # bias gradients: each layer's float64 column sums of its delta D (the workspace's n × units block)
+    n, sizes = len(X), (64, 300, 70, 10)
+    biases = m.backend.layout.named_views(g)
+    for l, units in enumerate(sizes[1:]):
+        start = n * sum(sizes[1:l + 1])
+        D = m.backend._train_ws.d[start:start + n * units].reshape(n, units)
+        want = np.zeros(units)
+        for i in range(n):
+            want += D[i].astype(np.float64)
+        np.testing.assert_array_equal(biases[f"layers.{l}.bias"], want.astype(dtype))

@@ -54,6 +54,7 @@ class _TrainWorkspace:
         self.yn = np.empty(rows * sizes[-1] if spec.regularization.target_noise_std > 0 else 0, dtype)
         self.rowloss = np.empty(rows, np.float64)
         self.rowcorrect = np.empty(rows, np.int64)
+        self.colsum = np.empty(max(sizes[1:]), np.float64)
         self._views: tuple[int, TrainBuffers] | None = None
 
     def buffers(self, n: int, partials: np.ndarray, tiles: np.ndarray) -> TrainBuffers:
@@ -67,7 +68,7 @@ class _TrainWorkspace:
                 xin=self.xin[:n * inputs].reshape(n if inputs else 0, inputs),
                 z=self.z[:m], a=self.a[:m], h=self.h[:m], d=self.d[:m],
                 rowloss=self.rowloss[:n], rowcorrect=self.rowcorrect[:n], partials=partials, tiles=tiles,
-                wn=self.wn, yn=self.yn[:n * outputs].reshape(n if outputs else 0, outputs)))
+                wn=self.wn, yn=self.yn[:n * outputs].reshape(n if outputs else 0, outputs), colsum=self.colsum))
         return self._views[1]
 
 

@@ -103,7 +103,7 @@ def _make_run_kernel(sources: str):
                                      target_keys[s] if with_target_noise else np.uint64(0))
             m = n * per_row
             bufs = TrainBuffers(ws.xin[:n], ws.z[:m], ws.a[:m], ws.h[:m], ws.d[:m], ws.rowloss[:n],
-                                ws.rowcorrect[:n], ws.partials, ws.tiles, ws.wn, ws.yn[:n])
+                                ws.rowcorrect[:n], ws.partials, ws.tiles, ws.wn, ws.yn[:n], ws.colsum)
             if ws.wn.shape[0] > 0:
                 perturb_weights_kernel(params, layers, ws.wn)
             loss, correct, sq = train_kernel(xv, targets, params, grads, layers, settings, bufs)
