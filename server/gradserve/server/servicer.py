@@ -11,9 +11,8 @@ import queue
 import threading
 import time
 
-import numpy as np
-
 from gradserve.nnkernels import ModelSpec
+from gradserve.nnkernels.finite import all_finite
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
@@ -381,9 +380,9 @@ class TrainerServicer(pb_grpc.TrainerServicer):
             if y.ndim not in (1, 2) or y.shape[0] != X.shape[0]:
                 raise BadRequest("targets", f"must be ({X.shape[0]},) labels or ({X.shape[0]}, units), "
                                             f"got shape {y.shape} {where}")
-            if X.dtype.kind == "f" and not np.isfinite(X).all():
+            if not all_finite(X):
                 raise BadRequest("inputs", f"contains NaN or Inf {where}")
-            if y.dtype.kind == "f" and not np.isfinite(y).all():
+            if not all_finite(y):
                 raise BadRequest("targets", f"contains NaN or Inf {where}")
             if xs:
                 for field, a, first in (("inputs", X, xs[0]), ("targets", y, ys[0])):
