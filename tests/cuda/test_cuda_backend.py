@@ -214,6 +214,33 @@ def test_twenty_optimizer_steps(name, dtype):
         close(got[k], state[k], dtype, f"state {k}")
 
 
+@pytest.mark.parametrize("opt", [OptimizerSpec("sgd", lr=0.01, momentum=0.9),
+                                 OptimizerSpec("rmsprop", lr=0.01, alpha=0.9, momentum=0.5, centered=True),
+                                 OptimizerSpec("adamw", lr=0.01, beta1=0.9, beta2=0.9, weight_decay=0.05)],
+                         ids=["sgd", "rmsprop", "adamw"])
+def test_decayed_optimizer_state_is_flushed_as_on_the_cpu(opt):
+    """State started just above the smallest normal float32, then zero
+    gradients: every decaying buffer crosses into the subnormal range,
+    where the kernel (as the CPU's and the reference) stores +0 instead."""
+    spec = make_spec("float32", hidden=((2, "tanh"),), out=(2, "identity"), optimizer=opt)
+    params = init_params(spec)
+    be = CudaBackend(spec, params)
+    tiny = np.finfo(np.float32).tiny
+    state = {k: np.full(params.size, 3 * tiny, np.float32) for k in be.get_state()}
+    be.set_state(state)
+    zero = np.zeros_like(params)
+    for t in range(2, 22):  # t = 2..: SGD's buffer is not overwritten by the first-step rule
+        be.set_grads(zero)
+        be.step(0.01, t, 1.0)
+        ref.optimizer_step(spec.optimizer, params, zero, state, 0.01, t)
+    got = be.get_state()
+    for k in state:
+        assert not ((got[k] != 0) & (np.abs(got[k]) < tiny)).any(), k
+        assert (state[k] == 0).any(), k  # the reference flushed something: the test crossed the range
+        close(got[k], state[k], "float32", f"state {k}")
+    close(be.get_params(), params, "float32", "params")
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_clipping_schedule_dropout_noise_training(dtype):
     """grad_scale (clipping by global norm) fused into the optimizer, with a

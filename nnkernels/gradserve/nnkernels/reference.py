@@ -390,6 +390,21 @@ def lerp(start, end, weight):
     return end - (end - start) * (1 - weight)
 
 
+def flushed(a):
+    """``a`` (a state buffer, in place) with its subnormal values (0 < |x| <
+    the dtype's smallest normal number) set to +0. Where
+    torch keeps them: a state value that decays geometrically once its
+    gradient is zero (momentum buffers, exp_avg, square averages: a weight
+    on an input pixel that is always 0) ends in the subnormal range and,
+    rounding back to itself, stays there for good, and every operation on a
+    subnormal costs x86 cores ~100 cycles (Adam on scikit-learn's digits:
+    ~1,500 of 17,000 exp_avg values, 52 -> 89 µs a step). The update such
+    a value makes is below 1e-33·lr, so the parameters keep torch's bits
+    unless they are themselves that small; zeros, NaN and Inf pass."""
+    a[(a != 0) & (np.abs(a) < np.finfo(a.dtype).tiny)] = 0
+    return a
+
+
 def optimizer_step(opt: OptimizerSpec, params, grad, state, lr: float, t: int) -> None:
     """One update of ``params`` (in place) from ``grad`` (not modified);
     ``state``: the buffers ``registry.init_state`` makes."""
@@ -406,7 +421,7 @@ def sgd_step(opt, p, g, state, lr, t):
         if t == 1:
             b[...] = d
         else:
-            b[...] = b * opt.momentum + (1 - opt.dampening) * d
+            b[...] = flushed(b * opt.momentum + (1 - opt.dampening) * d)
         d = d + opt.momentum * b if opt.nesterov else b
     p -= lr * d
 
@@ -433,15 +448,16 @@ def rmsprop_step(opt, p, g, state, lr, t):
     v = state["square_avg"]
     v *= opt.alpha
     v += (1 - opt.alpha) * g * g
+    flushed(v)
     if opt.centered:
         ga = state["grad_avg"]
-        ga[...] = lerp(ga, g, 1 - opt.alpha)
+        ga[...] = flushed(lerp(ga, g, 1 - opt.alpha))
         avg = np.sqrt(v - ga * ga) + opt.eps
     else:
         avg = np.sqrt(v) + opt.eps
     if opt.momentum > 0:
         b = state["momentum_buffer"]
-        b[...] = b * opt.momentum + g / avg
+        b[...] = flushed(b * opt.momentum + g / avg)
         p -= lr * b
     else:
         p -= lr * g / avg
@@ -458,9 +474,10 @@ def adam_step(opt, p, g, state, lr, t):
     elif opt.weight_decay != 0:
         g = g + opt.weight_decay * p
     m, v = state["exp_avg"], state["exp_avg_sq"]
-    m[...] = lerp(m, g, 1 - opt.beta1)
+    m[...] = flushed(lerp(m, g, 1 - opt.beta1))
     v *= opt.beta2
     v += (1 - opt.beta2) * g * g
+    flushed(v)
     if opt.amsgrad:
         vmax = state["max_exp_avg_sq"]
         np.maximum(vmax, v, out=vmax)

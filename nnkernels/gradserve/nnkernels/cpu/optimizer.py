@@ -3,7 +3,10 @@ parameter, gradient and state buffers per step (formulas:
 ``nnkernels.reference``; the optimizer codes: ``nnkernels.registry``).
 
 Each element's update reads and writes only that element, so the result
-does not depend on the thread count. Arithmetic is in the parameter dtype,
+does not depend on the thread count. A decaying state value that falls
+below the dtype's smallest normal number is stored as zero
+(``nnkernels.reference.flushed``: subnormals would cost ~100 cycles an
+operation from then on, and torch's would never leave that range). Arithmetic is in the parameter dtype,
 as torch.optim's; the step's scalars arrive computed in float64 and cast
 (``kernel_args.optimizer_coefficients``). Numba's on-disk cache notices
 edits of this file only (see ``cpu.kernels``).
@@ -25,6 +28,14 @@ def _lerp(start, end, weight, keep):
     return end - (end - start) * keep
 
 
+@njit(inline="always", nogil=True, cache=True)
+def _flush(x, tiny):
+    """x, or +0 where x is subnormal (0 < |x| < tiny, the dtype's smallest
+    normal number); zeros, NaN and Inf pass. (``x - x``: a zero of x's
+    type, which a literal 0 would widen to float64.)"""
+    return x - x if x != 0 and abs(x) < tiny else x
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def optimizer_kernel(params, grads, state, code, coef):
     """One update of ``params`` (in place) by optimizer ``code`` from
@@ -41,6 +52,7 @@ def optimizer_kernel(params, grads, state, code, coef):
     lr = c.lr
     wd = c.weight_decay
     eps = c.eps
+    tiny = np.finfo(params.dtype).tiny
     if code == Opt.SGD:  # s1: momentum_buffer
         mom = c.momentum
         damp1 = c.one_minus_dampening
@@ -54,7 +66,7 @@ def optimizer_kernel(params, grads, state, code, coef):
                 if first:
                     b = d
                 else:
-                    b = s1[i] * mom + damp1 * d
+                    b = _flush(s1[i] * mom + damp1 * d, tiny)
                 s1[i] = b
                 d = d + mom * b if nest else b
             params[i] = params[i] - lr * d
@@ -78,16 +90,16 @@ def optimizer_kernel(params, grads, state, code, coef):
             d = grads[i] * scale
             if wd != 0:
                 d = d + wd * params[i]
-            v = s1[i] * alpha + oma * d * d
+            v = _flush(s1[i] * alpha + oma * d * d, tiny)
             s1[i] = v
             if centered:
-                ga = _lerp(s3[i], d, w, keep)
+                ga = _flush(_lerp(s3[i], d, w, keep), tiny)
                 s3[i] = ga
                 avg = np.sqrt(v - ga * ga) + eps
             else:
                 avg = np.sqrt(v) + eps
             if mom > 0:
-                b = s2[i] * mom + d / avg
+                b = _flush(s2[i] * mom + d / avg, tiny)
                 s2[i] = b
                 params[i] = params[i] - lr * b
             else:
@@ -109,9 +121,9 @@ def optimizer_kernel(params, grads, state, code, coef):
                 x = x * decay
             elif wd != 0:
                 d = d + wd * x
-            m = _lerp(s1[i], d, w, keep)
+            m = _flush(_lerp(s1[i], d, w, keep), tiny)
             s1[i] = m
-            v = s2[i] * b2 + omb2 * d * d
+            v = _flush(s2[i] * b2 + omb2 * d * d, tiny)
             s2[i] = v
             if ams:
                 vm = max(s3[i], v)

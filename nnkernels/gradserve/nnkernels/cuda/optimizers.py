@@ -5,11 +5,14 @@ the parameter dtype (fp64 is slow on most GPUs); the step's scalars arrive
 as an ``OptimizerCoefficients`` namedtuple. Two of them are recomputed here
 in the dtype rather than read: torch.lerp's 1 - weight and AdamW's
 1 - lr·wd (this backend has always done so; the CPU reads the float64
-values). An optimizer code with no formula here sets the parameters to NaN."""
+values). An optimizer code with no formula here sets the parameters to NaN.
+Decaying state values below the dtype's smallest normal number are stored
+as zero, as on the CPU (``nnkernels.reference.flushed``)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import types
 
 from ..registry import OptimizerCode as Opt
@@ -23,6 +26,14 @@ def kernels(target, dev) -> dict:
     NAN = T(math.nan)
     lerp = dev.lerp
     device = cuda.jit(device=True)
+    TINY = T(np.finfo(target.dtype).tiny)
+
+    @device
+    def flush(x):
+        """x, or +0 where x is subnormal; zeros, NaN and Inf pass."""
+        if x != ZERO and abs(x) < TINY:
+            return ZERO
+        return x
 
     @device
     def sgd(p, g, buf, i, c):
@@ -36,7 +47,7 @@ def kernels(target, dev) -> dict:
             if c.first_step != ZERO:
                 bv = d
             else:
-                bv = buf[i] * c.momentum + c.one_minus_dampening * d
+                bv = flush(buf[i] * c.momentum + c.one_minus_dampening * d)
             buf[i] = bv
             if c.nesterov != ZERO:
                 d = d + c.momentum * bv
@@ -64,16 +75,16 @@ def kernels(target, dev) -> dict:
         d = g[i] * c.grad_scale
         if c.weight_decay != ZERO:
             d = d + c.weight_decay * p[i]
-        s = sq[i] * c.sq_decay + c.sq_weight * d * d
+        s = flush(sq[i] * c.sq_decay + c.sq_weight * d * d)
         sq[i] = s
         if c.centered != ZERO:
-            ga = lerp(gavg[i], d, c.avg_weight)
+            ga = flush(lerp(gavg[i], d, c.avg_weight))
             gavg[i] = ga
             avg = math.sqrt(s - ga * ga) + c.eps
         else:
             avg = math.sqrt(s) + c.eps
         if c.momentum != ZERO:
-            bv = mom[i] * c.momentum + d / avg
+            bv = flush(mom[i] * c.momentum + d / avg)
             mom[i] = bv
             p[i] = p[i] - c.lr * bv
         else:
@@ -93,9 +104,9 @@ def kernels(target, dev) -> dict:
                 pv = pv * (ONE - c.lr * wd)
             else:
                 d = d + wd * pv
-        a = lerp(m1[i], d, c.avg_weight)
+        a = flush(lerp(m1[i], d, c.avg_weight))
         m1[i] = a
-        v = m2[i] * c.sq_decay + c.sq_weight * d * d
+        v = flush(m2[i] * c.sq_decay + c.sq_weight * d * d)
         m2[i] = v
         if c.amsgrad != ZERO:
             if vmax[i] > v:
