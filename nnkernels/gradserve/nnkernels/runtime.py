@@ -54,9 +54,13 @@ if "numba" in sys.modules:  # imported before us: its config is already read
 import numba  # noqa: E402
 
 # batches with fewer rows run every pass on one thread, unless their products
-# do at least PARALLEL_MIN_WORK multiply-adds
+# do at least PARALLEL_MIN_WORK multiply-adds. A parallel call pays for waking
+# the pool's parked threads (40-60 us on 2 cores when calls are not
+# back to back, as a server's are): measured that way, predict on
+# 784-512-256-10 at 16 rows (8.6M) took 136 us serial and 159 us parallel,
+# at 32 rows (17M) 290 and 221; 256-256-256-10 crosses over at 64 rows (8.6M).
 PARALLEL_MIN_ROWS = 128
-PARALLEL_MIN_WORK = 2_000_000
+PARALLEL_MIN_WORK = 10_000_000
 
 _budget = numba.config.NUMBA_NUM_THREADS
 _budget_lock = threading.Lock()
