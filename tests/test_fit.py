@@ -119,6 +119,10 @@ def test_fit_refuses_unknown_or_unfitting_data_sets_naming_both(client):
     floats = client.upload_dataset(data(20)[0], np.zeros(20, np.float32))  # float labels for a softmax
     err = fit_error(dataset_id=floats.dataset_id)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "softmax" in err.details()
+    huge = data(20)[0].astype(np.float64)
+    huge[3, 2] = 1e39  # finite in float64, Inf in the float32 model
+    err = fit_error(dataset_id=client.upload_dataset(huge, data(20)[1]).dataset_id)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN or Inf" in err.details()
     good = client.upload_dataset(*data(20))
     err = fit_error(dataset_id=good.dataset_id, validation_dataset_id=wide.dataset_id)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "validation_dataset_id" in err.details()

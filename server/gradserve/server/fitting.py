@@ -90,14 +90,19 @@ class Progress:
 def _check_fits(registry: ModelRegistry, handle: ModelHandle, info: DatasetInfo, field_name: str) -> None:
     """INVALID_ARGUMENT naming the data set and the model when the data set's
     features or targets do not fit the model (a batch's checks: shapes, and
-    the targets' kind and range; the values were checked finite at upload,
-    and the inputs are not copied: a batch's check of the whole mapped,
-    read-only data set copied it, 188 MB on 60,000 x 784)."""
+    the targets' kind and range). The values were checked finite at upload,
+    so the inputs are only checked for shape, not copied (a batch's check of
+    the whole mapped, read-only data set copied it: 188 MB on 60,000 x 784),
+    unless the model's dtype is narrower than theirs: float64 values beyond
+    float32's range would turn into Inf."""
     X, y = registry.datasets.arrays(info.dataset_id, field_name)
     with handle.lock.read():
         model = registry._usable(handle)
         try:
-            model._data_inputs(X)
+            if X.dtype.itemsize > model.dtype.itemsize:
+                model._inputs(X)
+            else:
+                model._data_inputs(X)
             model._targets(y, len(X))
         except InputError as exc:
             spec = model.spec
