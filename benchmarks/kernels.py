@@ -31,9 +31,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 NETS = {
     # name: (sizes, hidden activation, output kind, optimizer)
     "784-512-256-10 relu xent adam": ((784, 512, 256, 10), "relu", "softmax", "adam"),
@@ -187,7 +184,7 @@ def sgemm_peak(threads: int) -> dict:
 
 
 # --- worker processes (one library each) ---------------------------------------
-def worker(lib: str, threads: int, reps: int, cases: list, products: bool) -> dict:
+def worker(lib: str, threads: int, reps: int, products: bool) -> dict:
     """Time every case with one library, alone in this process."""
     results = {}
     if lib == "ours":
@@ -195,7 +192,7 @@ def worker(lib: str, threads: int, reps: int, cases: list, products: bool) -> di
         nnkernels.set_thread_budget(threads)
         nnkernels.warm_up(("float32",))
         models = {}
-        for net, what, n in cases:
+        for net, what, n in CASES:
             model = models.setdefault(net, ours_model(net))
             fn = ours_call(model, net, what, n)
             results[f"{net}|{what}|{n}"] = measure(fn, NETS[net][0], what, n, reps)
@@ -204,7 +201,7 @@ def worker(lib: str, threads: int, reps: int, cases: list, products: bool) -> di
         except ImportError:
             products = False
         if products:
-            for net, what, n in cases:
+            for net, what, n in CASES:
                 if what == "train" and n >= 32:
                     t, flop = products_seconds(net, n, reps)
                     results[f"{net}|products|{n}"] = {"s": t, "gflops": flop / t / 1e9}
@@ -212,7 +209,7 @@ def worker(lib: str, threads: int, reps: int, cases: list, products: bool) -> di
         import torch
         torch.set_num_threads(threads)
         models = {}
-        for net, what, n in cases:
+        for net, what, n in CASES:
             model = models.setdefault(net, torch_model(net))
             results[f"{net}|{what}|{n}"] = measure(torch_call(model, net, what, n), NETS[net][0], what, n, reps)
     elif lib == "peak":
@@ -267,14 +264,14 @@ def same_process(threads: int, reps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per case and process (median)")
-    ap.add_argument("--rounds", type=int, default=3, help="separate-process rounds, libraries alternating (median)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per case and process (the best counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="separate-process rounds, libraries alternating (the best counts)")
     ap.add_argument("--mode", choices=("both", "same", "separate"), default="both")
     ap.add_argument("--worker", choices=("ours", "torch", "peak"), help=argparse.SUPPRESS)
     ap.add_argument("--products", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads, args.reps, CASES, args.products)))
+        print(json.dumps(worker(args.worker, args.threads, args.reps, args.products)))
         return
 
     from gradserve.nnkernels import runtime

@@ -135,6 +135,7 @@ def test_a_run_stops_before_its_first_non_finite_step_keeping_the_finite_ones():
                 break
             rows = batch_index(order, b, 8)
             steps.train_step(X[rows], y[rows])
+    assert all(np.isfinite(v).all() for v in run.state_dict().values())
     assert_same_state(run, steps)  # the model is at its last finite step
     with pytest.raises(NonFiniteError) as raised:  # and train_step refuses the same next step, alike
         steps.train_step(X[batch_index(order, b, 8)], y[batch_index(order, b, 8)])

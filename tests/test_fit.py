@@ -395,12 +395,12 @@ def test_the_content_hash_of_row_chunks_is_that_of_their_concatenation():
 
 
 def test_an_upload_is_cut_into_chunks_of_at_most_four_megabytes_in_row_order():
-    from gradserve.client._fit import UPLOAD_CHUNK_BYTES, dataset_chunks
-    from gradserve.wire.tensor import decode_tensor
+    from gradserve.client._fit import dataset_chunks
+    from gradserve.wire.tensor import CHUNK_BYTES, decode_tensor
     rs = np.random.default_rng(4)
     X, y = rs.standard_normal((5000, 500)).astype(np.float32), rs.integers(0, 10, 5000)  # 10 MB
     chunks = list(dataset_chunks(X, y, 64 << 20))
-    assert len(chunks) == 3 and all(c.ByteSize() <= UPLOAD_CHUNK_BYTES + 1024 for c in chunks)
+    assert len(chunks) == 3 and all(c.ByteSize() <= CHUNK_BYTES + 1024 for c in chunks)
     np.testing.assert_array_equal(np.concatenate([decode_tensor(c.inputs, "inputs") for c in chunks]), X)
     np.testing.assert_array_equal(np.concatenate([decode_tensor(c.targets, "targets") for c in chunks]), y)
     assert len(list(dataset_chunks(X, y, 2 << 20))) == 10  # a smaller message limit: half of it a chunk

@@ -12,7 +12,6 @@ This module never imports ``gradserve.inference``: tritonclient registers
 the same proto names, and both cannot live in one process."""
 import asyncio
 import re
-import threading
 import urllib.request
 
 import grpc
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from concurrency import concurrently
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -198,24 +198,6 @@ def scrape(proc) -> dict:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def concurrently(n, fn):
-    results, barrier = [None] * n, threading.Barrier(n)
-
-    def worker(i):
-        barrier.wait()
-        try:
-            results[i] = fn(i)
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
 
 
 def test_sixteen_concurrent_callers_each_get_their_own_rows_from_fewer_kernel_calls(batching_server):

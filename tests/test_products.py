@@ -2,16 +2,17 @@
 from cpu.tiling): right against NumPy, bit-identical at every thread count,
 on the serial and the parallel path and under concurrent callers; and a
 predicted row's bits do not depend on which rows share its batch."""
-import threading
 
 import numba
 import numpy as np
 import pytest
+from concurrency import all_returned, concurrently
 
 from gradserve import nnkernels
 from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, runtime
 from gradserve.nnkernels.cpu import tiling
-from gradserve.nnkernels.cpu.kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _dtx, _xw, _xwt
+from gradserve.nnkernels.cpu.kernels import COL_TILE, ROW_TILE, _dtx, _xw, _xwt
+from gradserve.nnkernels.cpu.tiling import PREDICT_COLS, PREDICT_ROWS
 from gradserve.nnkernels.cpu.twins import serial_twin
 
 THREADS = sorted({1, 2, numba.config.NUMBA_NUM_THREADS} & set(range(1, numba.config.NUMBA_NUM_THREADS + 1)))
@@ -76,6 +77,7 @@ def test_tiled_products_are_bit_identical_at_every_thread_count(dtype):
     for args in [(300, 130, 520, ROW_TILE, COL_TILE), (40, 70, 300, 16, 64), (16, 1024, 700, 256, 256)]:
         runs = [at_threads(k, lambda: products(dtype, *args)[1]) for k in THREADS]
         runs.append(products(dtype, *args, serial=True)[1])
+        assert not any(np.isnan(a).any() for a in runs[0])  # every cell written (products() fills with NaN)
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 np.testing.assert_array_equal(a, b)
@@ -158,23 +160,14 @@ def test_concurrent_predicts_of_different_batches_give_each_row_its_own_bits():
     m = Model(spec((256, 256, 256, 10)))
     X = np.random.default_rng(7).standard_normal((400, 256))
     full = m.predict(X)
-    errors = []
 
     def caller(i):
-        try:
-            for r in range(10):
-                lo = (i * 37 + r * 11) % 300
-                n = (1, 3, 16, 100)[(i + r) % 4]
-                np.testing.assert_array_equal(m.predict(X[lo:lo + n]), full[lo:lo + n])
-        except AssertionError as exc:
-            errors.append(exc)
+        for r in range(10):
+            lo = (i * 37 + r * 11) % 300
+            n = (1, 3, 16, 100)[(i + r) % 4]
+            np.testing.assert_array_equal(m.predict(X[lo:lo + n]), full[lo:lo + n])
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    all_returned(concurrently(8, caller))
 
 
 def test_small_batches_of_big_networks_run_parallel():

@@ -87,3 +87,4 @@ def test_nan_inf_and_zero_state_values_pass_the_flush():
     assert np.isnan(out[0]) and out[1] == np.inf and out[2] == -np.inf
     assert np.signbit(out[4]) and not np.signbit(out[3])  # zeros keep their sign
     np.testing.assert_array_equal(out[5:], [TINY, -TINY, 0, 0])
+    assert not np.signbit(out[8])  # +0, as the kernels store

@@ -4,6 +4,7 @@ import threading
 
 import numba
 import numpy as np
+from concurrency import all_returned, concurrently
 
 from gradserve import nnkernels
 from gradserve.nnkernels import LayerSpec, Model, ModelSpec, OptimizerSpec, OutputSpec, RegularizationSpec, runtime
@@ -38,21 +39,7 @@ def test_threading_layer_is_thread_safe():
 
 def test_eight_threads_training_concurrently_match_sequential_runs_bit_for_bit():
     sequential = [run(i) for i in range(8)]
-    concurrent = [None] * 8
-    errors = []
-
-    def worker(i):
-        try:
-            concurrent[i] = run(i)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    concurrent = all_returned(concurrently(8, run))
     for i in range(8):
         assert concurrent[i][0] == sequential[i][0]
         np.testing.assert_array_equal(concurrent[i][1], sequential[i][1])
@@ -62,16 +49,7 @@ def test_concurrent_predicts_on_one_model_agree():
     m = Model(make_spec(1))
     X = np.random.default_rng(0).normal(size=(300, 24))
     expected = [m.predict(X[: 100 + 40 * i]) for i in range(6)]
-    outs = [None] * 6
-
-    def worker(i):
-        outs[i] = [m.predict(X[: 100 + 40 * i]) for _ in range(5)]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outs = all_returned(concurrently(6, lambda i: [m.predict(X[: 100 + 40 * i]) for _ in range(5)]))
     for i in range(6):
         for out in outs[i]:
             np.testing.assert_array_equal(out, expected[i])

@@ -1,9 +1,9 @@
 """The mutation log's file format: records come back as written, in order,
 across segments; damage (a torn tail, a flipped byte) is detected, reported
 and skipped; concurrent appends share fdatasyncs; covered segments go."""
-import threading
 
 import numpy as np
+from concurrency import all_returned, concurrently
 
 from gradserve.server.mutations import Mutation, train_step
 from gradserve.server.wal import WriteAheadLog, remove_segments_before, scan, segment_numbers
@@ -57,22 +57,14 @@ def test_a_new_log_starts_a_new_segment_and_leaves_the_old_tail_alone(tmp_path):
 
 def test_concurrent_appends_share_fdatasyncs(tmp_path):
     wal = WriteAheadLog(tmp_path)
-    errors = []
 
     def appender(k):
-        try:
-            for j in range(50):
-                wal.append([f"{k}:{j};".encode() * 100]).wait()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        for j in range(50):
+            wal.append([f"{k}:{j};".encode() * 100]).wait()
 
-    threads = [threading.Thread(target=appender, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(8, appender)
     wal.close()
-    assert not errors
+    all_returned(results)
     assert wal.stats.records == 400
     assert wal.stats.fsyncs < 400  # group commit: one fdatasync covered several appends
     per_thread = {}

@@ -9,7 +9,7 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.wire.dataset import content_hash, dataset_id
-from gradserve.wire.tensor import encode_tensor, wire_array
+from gradserve.wire.tensor import CHUNK_BYTES, encode_tensor, wire_array
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,11 @@ def content_id(X: np.ndarray, y: np.ndarray) -> str:
     return dataset_id(content_hash(X, y))
 
 
-UPLOAD_CHUNK_BYTES = 4 << 20  # an upload's message size: measured on a 188 MB set (loopback, 2 cores), 4 MB
-# chunks took 0.6 s and 32 MB ones 1.2-1.6 s (each copy of a big message leaves the caches and touches fresh
-# pages); 2 MB ones 0.9 s (per-message costs)
-
-
 def dataset_chunks(X, y, max_message_bytes: int, name: str = ""):
-    """DatasetChunk messages of as many rows as fit in UPLOAD_CHUNK_BYTES
+    """DatasetChunk messages of as many rows as fit in ``wire.tensor.CHUNK_BYTES``
     (at most half the message limit), one row at least."""
     row_bytes = max(1, X[0].nbytes + y[0].nbytes)
-    rows = max(1, min(UPLOAD_CHUNK_BYTES, max_message_bytes // 2) // row_bytes)
+    rows = max(1, min(CHUNK_BYTES, max_message_bytes // 2) // row_bytes)
     for i in range(0, len(X), rows):
         chunk = pb.DatasetChunk(name=name if i == 0 else "")
         encode_tensor(X[i:i + rows], "inputs", chunk.inputs)  # in place: a message given to the constructor is copied

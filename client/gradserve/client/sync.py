@@ -19,7 +19,7 @@ from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire import shuffle as shuffle_schedule
 from gradserve.wire.address import is_loopback
 from gradserve.wire.status import is_retry_safe
-from gradserve.wire.tensor import ChunkAssembler, decode_tensor, tensor_chunks
+from gradserve.wire.tensor import CHUNK_BYTES, ChunkAssembler, decode_tensor, tensor_chunks
 
 from . import _fit, _wire
 from ._fit import DatasetInfo
@@ -31,7 +31,6 @@ from ._wire import RETRYABLE, ModelInfo, StepResult
 # only when the server marked the failure retry-safe (it refused the call
 # before touching any model: warming up, shutting down). The same holds for
 # the gradient calls, which carry no expected step.
-CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk the client sends
 NOT_IDEMPOTENT = frozenset({"TrainStep", "ApplyGradients", "AccumulateGradients", "OptimizerStep"})
 
 

@@ -14,6 +14,12 @@ import numpy as np
 
 from gradserve.v1 import trainer_pb2 as pb
 
+# Data bytes per message of a chunked transfer (tensor chunks, data-set uploads), either way, or half
+# the message limit when that is smaller. Measured on a 188 MB upload (loopback, 2 cores): 4 MB chunks
+# took 0.6 s, 32 MB ones 1.2-1.6 s (each copy of a big message leaves the caches and touches fresh
+# pages), 2 MB ones 0.9 s (per-message costs).
+CHUNK_BYTES = 4 << 20
+
 # wire dtype <-> numpy dtype (always little-endian on the wire)
 WIRE_DTYPES = {
     pb.DATA_TYPE_FLOAT32: np.dtype("<f4"),

@@ -51,6 +51,11 @@ def _real_array(value, field: str) -> np.ndarray:
     return a
 
 
+def _norm(sq: float) -> float:
+    """The gradient norm from its square (NaN for a NaN or negative one)."""
+    return math.sqrt(sq) if sq >= 0 else float("nan")
+
+
 def _normalized(a: np.ndarray, dtype) -> np.ndarray:
     """C-contiguous, writable, of ``dtype``: copies only when needed."""
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught as non-finite
@@ -141,12 +146,15 @@ class Model:
         if not self.spec.trainable:
             raise NotTrainableError("every hidden layer is a 'step' unit (zero derivative): nothing can be trained")
         X = self._inputs(X)
-        y = self._targets(y, X.shape[0])
+        return self._step(X, self._targets(y, X.shape[0]))
+
+    def _step(self, X: np.ndarray, y: np.ndarray) -> StepResult:
+        """``train_step`` on a batch already checked and in the model's dtypes."""
         with self._grad_lock:
             loss, correct, sq = self._backend.loss_and_grads(X, y, self.step)
-            norm = math.sqrt(sq) if sq >= 0 else float("nan")
+            norm = _norm(sq)
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise NonFiniteError(f"step {self.step + 1} not applied: loss={loss!r}, gradient norm={norm!r}")
+                raise self._not_applied(loss, norm)
             scale = clip_coefficient(norm, self.spec.regularization.clip_grad_norm)
             lr = scheduled_lr(self.spec.schedule, self.spec.optimizer.lr, self.step)
             self._backend.step(lr, self.step + 1, scale)
@@ -190,8 +198,8 @@ class Model:
         if run is None:
             for b in range(first, first + steps):
                 rows = order[b * batch_size:(b + 1) * batch_size]
-                try:
-                    out.results.append(self.train_step(X[rows], y[rows]))
+                try:  # each batch cast as the compiled run gathers it (a NaN input: a non-finite step)
+                    out.results.append(self._step(_normalized(X[rows], self.dtype), y[rows]))
                 except NonFiniteError as exc:
                     return StepsResult(out.results, out.rows, exc)
                 out.rows.append(len(rows))
@@ -206,10 +214,11 @@ class Model:
             out.rows.append(n)
         if done < steps:
             loss, _, sq = (float(v) for v in table[done, :3])
-            norm = math.sqrt(sq) if sq >= 0 else float("nan")
-            return StepsResult(out.results, out.rows, NonFiniteError(
-                f"step {self.step + 1} not applied: loss={loss!r}, gradient norm={norm!r}"))
+            return StepsResult(out.results, out.rows, self._not_applied(loss, _norm(sq)))
         return out
+
+    def _not_applied(self, loss: float, norm: float) -> NonFiniteError:
+        return NonFiniteError(f"step {self.step + 1} not applied: loss={loss!r}, gradient norm={norm!r}")
 
     def _data_inputs(self, X) -> np.ndarray:
         """A data set's inputs for ``train_steps``: shape checked; float32 and

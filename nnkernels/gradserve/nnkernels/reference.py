@@ -354,8 +354,7 @@ def loss_and_grads(spec: ModelSpec, params, X, y, step=0):
     layout."""
     layout = ParamLayout(spec)
     cache = forward(spec, params, X, training=True, step=step)
-    if spec.output.kind == "identity":
-        y = noisy_targets(spec, y, step, params.dtype)
+    y = noisy_targets(spec, y, step, params.dtype)  # y itself without target noise (regression only: validated)
     loss, delta = loss_and_delta(spec, cache["logits"], y)
     delta = delta.astype(params.dtype)
     grads = np.zeros_like(params)

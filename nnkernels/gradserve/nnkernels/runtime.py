@@ -115,7 +115,7 @@ def threads_for(rows: int, in_flight: int = 1, work: int = 0) -> int:
     below ``PARALLEL_MIN_ROWS`` rows and ``PARALLEL_MIN_WORK``, else the
     budget shared evenly. Parallel kernels whose threads outnumber the
     cores collapse (measured on 2 cores, TrainStep b256 with 16 concurrent
-    callers: 0.3-0.9 steps/s at 2 threads each, 68-71 at 1), and the blocked
+    callers: 0.3-0.9 steps/s at 2 threads each, 68-71 at 1), and the tiled
     products give the same bits at any thread count, so sharing is free."""
     if rows < PARALLEL_MIN_ROWS and work < PARALLEL_MIN_WORK:
         return 1

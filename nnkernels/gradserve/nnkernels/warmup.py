@@ -40,10 +40,13 @@ def warm_up(dtypes=("float32", "float64")) -> tuple[float, str]:
                 clf.train_steps(data, np.arange(rows) % 3, order, rows)
             reg.train_steps(X.astype(dtype), X[:, :1], order, rows)
         # the per-parameter passes (optimizer, W̃) get threads by parameter count: a model with
-        # 128 × 2048 parameters runs their parallel kernels (the small ones above ran the serial twins)
-        wide = Model(ModelSpec(input_size=runtime.PARALLEL_MIN_ROWS * 2048 // 8, hidden=(), output=OutputSpec(8),
+        # over 128 × 2048 parameters (512·512 + 512·8 + biases) runs their parallel kernels (the small
+        # ones above ran the serial twins); moderate layers, as a 32768-input one spent 0.7 s of
+        # start-up probing its inference tiles
+        wide = Model(ModelSpec(input_size=512, hidden=(LayerSpec(512, "relu"),), output=OutputSpec(8),
                                optimizer=OptimizerSpec("adam"), dtype=dtype,
                                regularization=RegularizationSpec(weight_noise_std=0.01)))
+        assert wide.num_params // 2048 >= runtime.PARALLEL_MIN_ROWS
         X = np.linspace(-1, 1, 2 * wide.spec.input_size).reshape(2, -1)
         wide.train_step(X, X[:, :8])
         clf.set_weights(clf.get_weights())  # 1-D and 2-D finiteness checks

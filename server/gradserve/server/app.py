@@ -204,7 +204,7 @@ class GradServer:
         if cfg.ray_address:  # models live in their owner actors, each with its own store under STORE.models/
             from .cluster.frontend import ClusterRegistry
             self.registry = ClusterRegistry(
-                address=cfg.ray_address, store=cfg.store, durability=cfg.durability, sqlite_sync=cfg.sqlite_sync,
+                address=cfg.ray_address, store=cfg.store, durability=cfg.durability, sqlite_sync=sync,
                 limits=cfg.limits, default_device=cfg.default_device, cpus_per_model=cfg.ray_cpus_per_model,
                 checksum_steps=cfg.ray_checksum_steps)
         else:

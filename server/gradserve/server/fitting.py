@@ -87,22 +87,24 @@ class Progress:
     restored_best: bool = False
 
 
-def _check_fits(registry: ModelRegistry, handle: ModelHandle, info: DatasetInfo, field_name: str) -> None:
-    """INVALID_ARGUMENT naming the data set and the model when the data set's
-    features or targets do not fit the model (a batch's checks: shapes, and
-    the targets' kind and range). The values were checked finite at upload,
-    so the inputs are only checked for shape, not copied (a batch's check of
-    the whole mapped, read-only data set copied it: 188 MB on 60,000 x 784),
-    unless the model's dtype is narrower than theirs: float64 values beyond
-    float32's range would turn into Inf."""
+def _fitting_arrays(registry: ModelRegistry, handle: ModelHandle, info: DatasetInfo,
+                    field_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The data set's (inputs, targets) as the Fit's runs read them, or
+    INVALID_ARGUMENT naming the data set and the model when its features or
+    targets do not fit the model (a batch's checks: shapes, and the targets'
+    kind and range). The values were checked finite at upload, so float
+    inputs are only checked for shape, not copied (a batch's check of the
+    whole mapped, read-only data set copied it: 188 MB on 60,000 x 784),
+    unless the model's dtype is narrower than theirs (float64 values beyond
+    float32's range would turn into Inf); integer inputs are cast to the
+    model's dtype here, once, not by every run."""
     X, y = registry.datasets.arrays(info.dataset_id, field_name)
     with handle.lock.read():
         model = registry._usable(handle)
         try:
-            if X.dtype.itemsize > model.dtype.itemsize:
+            if X.dtype.kind == "f" and X.dtype.itemsize > model.dtype.itemsize:
                 model._inputs(X)
-            else:
-                model._data_inputs(X)
+            X = model._data_inputs(X)
             model._targets(y, len(X))
         except InputError as exc:
             spec = model.spec
@@ -111,6 +113,7 @@ def _check_fits(registry: ModelRegistry, handle: ModelHandle, info: DatasetInfo,
                                          f"does not fit model {handle.model_id!r} (input_size {spec.input_size}, "
                                          f"{spec.output.kind} output of {spec.output.units} units): "
                                          f"{exc}") from None
+    return X, y
 
 
 def _predict(registry: ModelRegistry, handle: ModelHandle, X: np.ndarray) -> np.ndarray:
@@ -143,13 +146,11 @@ def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: C
     one run per epoch: waiting after every run was 30% of the Fit's time)."""
     p.check(registry)
     info = registry.datasets.info(p.dataset_id)
-    _check_fits(registry, handle, info, "dataset_id")
-    X, y = registry.datasets.arrays(p.dataset_id)
+    X, y = _fitting_arrays(registry, handle, info, "dataset_id")
     val = None
     if p.validation_dataset_id:
         val_info = registry.datasets.info(p.validation_dataset_id, "validation_dataset_id")
-        _check_fits(registry, handle, val_info, "validation_dataset_id")
-        val = registry.datasets.arrays(p.validation_dataset_id, "validation_dataset_id")
+        val = _fitting_arrays(registry, handle, val_info, "validation_dataset_id")
     kind = handle.spec.output.kind
     spe = steps_per_epoch(len(X), p.batch_size)
     done = 0
@@ -220,7 +221,7 @@ def fit(registry: ModelRegistry, handle: ModelHandle, p: FitParams, is_active: C
                     yield from released()
                     raise NonFiniteError(f"{r.error}; the Fit stopped at epoch {epoch + 1}, step {b + 1} of "
                                          f"{spe}; the model keeps its last finite step") from None
-                if p.progress_every_steps and b < spe and b // p.progress_every_steps > reported // p.progress_every_steps:
+                if every and b < spe and b // every > reported // every:
                     reported = b
                     reports.append(Progress(epoch + 1, b, spe, last_step, loss_sum / max(rows, 1),
                                             correct / max(rows, 1) if has_accuracy else None, last_lr))

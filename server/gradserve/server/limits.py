@@ -61,8 +61,8 @@ class Limits:
         itemsize = 8 if spec.dtype == "float64" else 4
         state = spec.num_params * (2 + OPTIMIZER_SLOTS.get(spec.optimizer.name, 3))
         per_row = sum(spec.layer_sizes[1:])  # activations per row, every layer
-        has_dropout = any(layer.dropout > 0 or layer.noise_std > 0 for layer in spec.hidden)  # the h buffer
-        workspace = self.max_batch_rows * (per_row * (3 + has_dropout + 2) + spec.input_size)
+        has_h = any(layer.dropout > 0 or layer.noise_std > 0 for layer in spec.hidden)  # the h buffer
+        workspace = self.max_batch_rows * (per_row * (3 + has_h + 2) + spec.input_size)
         # --- noise regularizers (issue 12) ---
         reg = spec.regularization
         workspace += self.max_batch_rows * spec.output.units * (reg.target_noise_std > 0)

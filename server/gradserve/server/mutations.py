@@ -101,7 +101,8 @@ def _set_weights(model: Model, m: Mutation):
     model.set_weights(dict(m.arrays))
 
 
-# an epoch's order serves all its runs (a permutation of 60,000 rows costs ~1 ms); read only
+# an epoch's order serves all its runs (a permutation of 60,000 rows costs ~1 ms); shared, so never
+# written (left writable: a read-only order is another Numba signature of the compiled run)
 _epoch_order = functools.lru_cache(maxsize=8)(epoch_order)
 
 

@@ -16,7 +16,7 @@ from gradserve.nnkernels.finite import all_finite
 from gradserve.v1 import trainer_pb2 as pb
 from gradserve.v1 import trainer_pb2_grpc as pb_grpc
 from gradserve.wire.specmsg import optimizer_changes, spec_from_message, spec_to_message
-from gradserve.wire.tensor import ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
+from gradserve.wire.tensor import CHUNK_BYTES, ChunkAssembler, decode_tensor, encode_tensor, tensor_chunks
 
 from . import fitting
 from .batching import BatchingConfig, PredictBatcher
@@ -25,7 +25,6 @@ from .errors import BadRequest, NotServing, check_model_id, rpc, shown, status_f
 from .registry import ModelNotFound, ModelRegistry, StepConflict
 from .tenants import current_tenant
 
-CHUNK_BYTES = 4 * 2**20  # data bytes per TensorChunk (or half --max-message-mb when smaller)
 STREAM_AHEAD = 8  # TrainStream steps applied ahead of the replies (waiting to be durable)
 
 

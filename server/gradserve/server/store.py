@@ -297,7 +297,9 @@ class SqliteStore:
             layout.append([array_name, chunk_layout[0][1], [sum(len(a) for a in parts), *parts[0].shape[1:]]])
             buffers += chunk_buffers
         folder = self.datasets_dir
-        folder.mkdir(exist_ok=True)
+        if not folder.exists():
+            folder.mkdir(exist_ok=True)
+            fsync_dir(folder.parent)  # the folder's own entry, or a power loss could keep the row and lose the file
         final, tmp = folder / dataset_id, folder / f".{dataset_id}.tmp"
         with open(tmp, "wb") as f:
             for buf in buffers:

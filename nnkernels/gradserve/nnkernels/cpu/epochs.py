@@ -129,7 +129,7 @@ def run_steps(backend, X, y, order, first: int, steps: int, batch_size: int, ste
     """Runs the steps on ``backend`` (a CpuBackend) from optimizer step
     ``step`` (the Model's count before the run). ``X``: (rows, inputs)
     float32/float64, C-contiguous; ``y``: int64 labels (rows,) or float
-    targets (rows, units) of X's dtype family, checked by the caller;
+    targets (rows, units) in the model's dtype (``Model._targets``), checked by the caller;
     ``order``: int64 row order. Returns (steps applied, out) with
     ``out[s] = (loss, correct, squared gradient norm, rows)`` for each step
     tried."""
@@ -147,7 +147,7 @@ def run_steps(backend, X, y, order, first: int, steps: int, batch_size: int, ste
     noise_keys, target_keys = keys[:, 0].copy(), keys[:, 1].copy()
     units = spec.output.units
     labels = y if y.ndim == 1 else backend._no_labels
-    values = y if y.ndim == 2 else np.empty((0, units), dtype)
+    values = y if y.ndim == 2 else backend._no_targets
     ws = backend._workspace(batch_size).buffers(batch_size, backend._partials, backend._train_tiles)
     xb = np.empty(batch_size * X.shape[1], dtype)
     lb = np.empty(batch_size, np.int64)

@@ -107,8 +107,6 @@ ROW_TILE = 256     # training: batch rows per call (the last tile may be shorter
 COL_TILE = 256     # training: output features per call
 SPLIT_TASKS = 4    # training: tiles are halved (down to SPLIT_MIN) until a product has this many
 SPLIT_MIN = 64     # (a function of the shapes only: 2 threads get 2 tiles each, bits fixed)
-PREDICT_ROWS = 8   # inference: the padding quantum when one is needed (cpu.tiling)
-PREDICT_COLS = 64  # inference, layers without big tiles: output features per call (cpu.tiling)
 SOFTPLUS_THRESHOLD = 20.0  # torch's softplus: z itself above it
 
 _JIT = dict(nogil=True, cache=True)

@@ -1,7 +1,8 @@
 """How the CPU kernels cut each dense layer's product into BLAS calls: the
 fixed tiles (batch rows × output features per call) of ``cpu.kernels``.
 
-Training tiles are fixed constants (``ROW_TILE`` × ``COL_TILE``): they
+Training tiles are ``ROW_TILE`` × ``COL_TILE``, halved by the product's
+shape alone (``kernels._split``) until a product has a few of them: they
 depend on no thread count, so neither do the bits.
 
 Inference must also give a row the same bits whichever rows share its batch
@@ -36,8 +37,11 @@ import threading
 
 import numpy as np
 
-from .kernels import COL_TILE, PREDICT_COLS, PREDICT_ROWS, ROW_TILE, _xwt
+from .kernels import COL_TILE, ROW_TILE, _xwt
 
+# (here, not in cpu.kernels, which never reads them: retuning them recompiles no kernel)
+PREDICT_ROWS = 8   # inference: the padding quantum when one is needed
+PREDICT_COLS = 64  # inference, layers without big tiles: output features per call
 SMALL_TILES = tuple((r, PREDICT_COLS) for r in (32, 16, 8, 4, 3, 2))  # small tiles (rows, features per call), preferred first
 QUANTA = (1, 4, PREDICT_ROWS)  # padding quanta, tried in this order
 ROW_BY_ROW_MAX = 65536  # weights (fin × fout) up to which a layer may run one row per call (cache-resident W)
@@ -109,13 +113,13 @@ def predict_tiles(dtype, sizes) -> np.ndarray:
     for q in QUANTA[:-1]:
         tiles = []
         for fin, fout in shapes:
-            fits = [(r, c) for r, c in ((ROW_TILE, COL_TILE), *SMALL_TILES)
-                    if r % q == 0 and _tile_agrees(dtype, fin, fout, r, c, q)]
-            if not fits and q == 1 and fin * fout <= ROW_BY_ROW_MAX:
-                fits = [(1, PREDICT_COLS)]  # one row per call, always: one shape whatever the batch
-            if not fits:
+            fit = next(((r, c) for r, c in ((ROW_TILE, COL_TILE), *SMALL_TILES)  # the first that agrees
+                        if r % q == 0 and _tile_agrees(dtype, fin, fout, r, c, q)), None)
+            if fit is None and q == 1 and fin * fout <= ROW_BY_ROW_MAX:
+                fit = (1, PREDICT_COLS)  # one row per call, always: one shape whatever the batch
+            if fit is None:
                 break
-            tiles.append((*fits[0], q))
+            tiles.append((*fit, q))
         else:
             return np.array(tiles, np.int64).reshape(len(tiles), 3)
     q = QUANTA[-1]

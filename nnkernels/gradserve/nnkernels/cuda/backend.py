@@ -28,9 +28,8 @@ import threading
 
 import numpy as np
 
-from .. import rng
 from ..backend import Backend
-from ..kernel_args import layer_table, optimizer_coefficients, set_step_keys, state_slots
+from ..kernel_args import layer_table, optimizer_coefficients, set_step_keys, state_slots, step_noise_keys
 from ..registry import OPTIMIZERS, OUTPUTS, OutputCode, init_state, state_names
 from ..spec import ModelSpec
 from . import SIMULATOR
@@ -222,10 +221,11 @@ class CudaBackend(Backend):
 
         A0 = Xd
         std = float(spec.regularization.input_noise_std)
+        noise_key, target_key = step_noise_keys(spec, step)
         if std > 0.0:
             A0 = ctx.Xn[:n]
-            key = rng.stream_key(spec.seed, step, rng.NOISE_STREAM)
-            k.add_noise[k.grid_1d(n * self.sizes[0]), k.threads, s](Xd, A0, n, self.sizes[0], std, np.uint64(key))
+            k.add_noise[k.grid_1d(n * self.sizes[0]), k.threads, s](Xd, A0, n, self.sizes[0], std,
+                                                                    np.uint64(noise_key))
         inputs = [A0]
         set_step_keys(self.layers, spec, step)
         epilogues = [self._epilogue(i) for i in range(self.L)]
@@ -238,8 +238,8 @@ class CudaBackend(Backend):
                     self._W[i], Ws[i], fan_out, fan_in, self._weight_noise, np.uint64(self.layers[i]["wnoise_key"]))
         if self._target_noise > 0 and not labels:
             Yn = ctx.Yn[:n]
-            key = rng.stream_key(spec.seed, step, rng.TARGET_NOISE_STREAM)
-            k.add_noise[k.grid_1d(n * m_out), k.threads, s](Yd, Yn, n, m_out, self._target_noise, np.uint64(key))
+            k.add_noise[k.grid_1d(n * m_out), k.threads, s](Yd, Yn, n, m_out, self._target_noise,
+                                                            np.uint64(target_key))
             Yd = Yn
         A = A0
         for i in range(self.L):

@@ -40,7 +40,7 @@ from .runtime import actor_env
 log = logging.getLogger("gradserve.cluster")
 
 READS = {"describe", "predict", "get_weights", "gradients", "save", "list_checkpoints"}
-FORWARDED = READS | {"train_step", "set_weights", "set_optimizer", "save_checkpoint", "restore_checkpoint",
+FORWARDED = READS | {"set_weights", "set_optimizer", "save_checkpoint", "restore_checkpoint",
                      "apply_gradients", "accumulate_gradients", "optimizer_step"}
 
 
@@ -228,7 +228,7 @@ class ClusterRegistry:
         return self._forward(handle, "train_step", (X, y, expected_step), safe=expected_step is not None)
 
     def _forward(self, handle: ClusterHandle, method: str, args: tuple, safe: bool | None = None):
-        return self._owner_call(handle, "call", (method, None, args), safe=method in READS if safe is None else safe)
+        return self._owner_call(handle, "call", (method, args), safe=method in READS if safe is None else safe)
 
     def delete_dataset(self, dataset_id: str) -> None:
         self.datasets.delete(dataset_id)  # refused: no data sets here

@@ -141,7 +141,7 @@ class ModelOwner:
         if dur.mode != "none":
             os.makedirs(self.directory, exist_ok=True)
             store = SqliteStore(os.path.join(self.directory, "model.db"),
-                                synchronous=sqlite_sync or ("FULL" if dur.mode == "step" else "NORMAL"))
+                                synchronous=sqlite_sync)
         self.registry = ModelRegistry(store, limits=Limits(**limits), durability=dur, default_device=default_device,
                                       model_class=ReplicatedModel)
         loaded = self.registry.load_stored()
@@ -178,12 +178,12 @@ class ModelOwner:
             return handle.tenant, created
         return self._guard(run)
 
-    def call(self, method: str, tenant: str | None, args: tuple) -> tuple:
-        """``registry.<method>(handle, *args)`` on the model; a Commit in the
-        result is waited for (the reply follows durability) and travels back
-        as ``DURABLE``."""
+    def call(self, method: str, args: tuple) -> tuple:
+        """``registry.<method>(handle, *args)`` on the model (the front-end
+        checked the tenant); a Commit in the result is waited for (the reply
+        follows durability) and travels back as ``DURABLE``."""
         def run():
-            handle = self.registry.get(self.model_id, tenant)
+            handle = self.registry.get(self.model_id)
             result = getattr(self.registry, method)(handle, *args)
             if isinstance(result, tuple) and result and isinstance(result[-1], Commit):
                 result[-1].wait()

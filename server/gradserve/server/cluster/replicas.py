@@ -108,7 +108,7 @@ class Replica:
     def __init__(self, index: int, cpus: float, spec_dict: dict, state: dict):
         self.index = index
         self.runtime = configure_actor(cpus)
-        self.model = Model(ModelSpec.from_dict(spec_dict), state)
+        self.load(spec_dict, state)
 
     def describe(self) -> dict:
         return {**self.runtime, "index": self.index, "step": self.model.step, "kernel_cache": kernel_cache_stats()}
@@ -143,7 +143,7 @@ class Replica:
         for p in parts[1:]:
             total += p
         out = total.astype(dtype)
-        wide = out.astype(np.float64)
+        wide = out.astype(np.float64, copy=False)
         return out, float(np.dot(wide, wide))
 
     def apply(self, norm: float, *slices) -> int:
@@ -167,7 +167,6 @@ class DataParallelGroup:
         self.checksum_steps = max(1, int(checksum_steps))
         self.label = label
         self.resyncs = 0
-        self.steps = 0
         # seconds summed over steps: the shard phase, the slowest shard's kernels within it, the rest
         self.timing = {"compute_s": 0.0, "kernel_s": 0.0, "allreduce_s": 0.0, "steps": 0}
         self._lock = threading.Lock()
@@ -252,10 +251,11 @@ class DataParallelGroup:
                     refs = self.replicas[i].shard_gradients.options(num_returns=self.n + 1).remote(
                         X[a:b], y[a:b], model.step, weight, self.cuts)
                     shards.append((weight, refs))
-            stats = ray.get([refs[self.n] for _, refs in shards])
-            t1 = time.perf_counter()
+            # the reductions are queued at once: each starts when its shards' slices exist
             reduced = [self.replicas[j].reduce_slice.options(num_returns=2).remote(
                 model.dtype.name, *[refs[j] for _, refs in shards]) for j in range(self.n)]
+            stats = ray.get([refs[self.n] for _, refs in shards])
+            t1 = time.perf_counter()
             slice_refs = [r[0] for r in reduced]
             sqs = ray.get([r[1] for r in reduced])
             loss = 0.0
@@ -278,7 +278,6 @@ class DataParallelGroup:
             self.timing["kernel_s"] += max(s[3] for s in stats)
             self.timing["allreduce_s"] += t2 - t1
             self.timing["steps"] += 1
-            self.steps += 1
-            if self.steps % self.checksum_steps == 0:
+            if self.timing["steps"] % self.checksum_steps == 0:
                 self.verify(model)
         return StepResult(model.step, loss, model._accuracy(correct, n), norm, result.lr)
